@@ -1,0 +1,33 @@
+"""amortized: amortized variational inference, measured.
+
+A variational family is q(z; lambda) with one parameter row lambda_i per datapoint.
+Amortized inference computes lambda(x) with an encoder; classical VI optimises each
+lambda_i freely (:func:`fit_local`); the gap report measures what the difference costs.
+"""
+
+from .decoders import BernoulliMLPDecoder, GaussianMLPDecoder
+from .encoders import MLPEncoder
+from .estimators import elbo, iwae_bound, kl_to_prior
+from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
+from .gaps import GapReport, gap_report
+from .local import LocalFit, fit_local
+from .model import LatentVariableModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LatentVariableModel",
+    "VariationalFamily",
+    "DiagonalGaussian",
+    "FullCovarianceGaussian",
+    "MLPEncoder",
+    "BernoulliMLPDecoder",
+    "GaussianMLPDecoder",
+    "elbo",
+    "iwae_bound",
+    "kl_to_prior",
+    "fit_local",
+    "LocalFit",
+    "gap_report",
+    "GapReport",
+]

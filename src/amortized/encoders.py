@@ -1,0 +1,50 @@
+"""Amortized inference networks: x -> lambda(x), the parameters of q(z; lambda).
+
+An encoder is any ``nn.Module`` that maps a batch of data ``(batch, *data_shape)`` to a
+parameter tensor ``(batch, family.num_params)``. It computes for every x what
+:func:`amortized.fit_local` would otherwise find by optimisation, in one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .families import VariationalFamily
+from .nn import mlp
+
+__all__ = ["MLPEncoder"]
+
+
+class MLPEncoder(nn.Module):
+    """The VAE encoder of Kingma & Welling (2014): an MLP from flat x to lambda(x).
+
+    Example:
+        >>> from amortized import DiagonalGaussian
+        >>> import torch
+        >>> family = DiagonalGaussian(2)
+        >>> encoder = MLPEncoder(data_dim=5, family=family, hidden=(8,))
+        >>> encoder(torch.zeros(3, 5)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        family: VariationalFamily,
+        hidden: Sequence[int] = (200, 200),
+        activation: str = "tanh",
+    ):
+        super().__init__()
+        self.data_dim = data_dim
+        self.num_params = family.num_params
+        self.net = mlp(data_dim, hidden, family.num_params, activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], -1)  # (batch, data_dim)
+        if x.shape[1] != self.data_dim:
+            raise ValueError(
+                f"MLPEncoder expects {self.data_dim} values per datapoint, got {x.shape[1]}"
+            )
+        return self.net(x)  # (batch, num_params)

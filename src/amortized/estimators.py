@@ -1,0 +1,157 @@
+r"""Monte Carlo estimators of the ELBO and of log p(x), one number per datapoint.
+
+All estimators take a model, a family and its parameters ``lam`` ``(batch, num_params)``
+and return a tensor of shape ``(batch,)``, so the log p(x) of any two models or inference
+routes is computed by the same code. Samples are drawn in chunks whose size keeps memory
+bounded however many samples are asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+)
+
+from .families import VariationalFamily
+from .model import LatentVariableModel
+
+__all__ = ["elbo", "iwae_bound", "kl_to_prior"]
+
+#: Upper bound on the number of floats one chunk of samples may occupy per data tensor.
+MAX_CHUNK_ELEMENTS = 2**24
+
+
+def kl_to_prior(q: Distribution, prior: Distribution) -> Tensor | None:
+    """KL(q || p(z)) in closed form, or ``None`` where no closed form is known."""
+    try:
+        return kl_divergence(q, prior)
+    except NotImplementedError:
+        pass
+    # A full-covariance q against a factorized Normal prior: view the prior as an MVN.
+    if (
+        isinstance(q, MultivariateNormal)
+        and isinstance(prior, Independent)
+        and isinstance(prior.base_dist, Normal)
+    ):
+        base = prior.base_dist
+        p = MultivariateNormal(base.loc, scale_tril=torch.diag_embed(base.scale))
+        return kl_divergence(q, p)
+    return None
+
+
+def _chunks(total: int, x: Tensor, chunk_size: int | None) -> list[int]:
+    """Split ``total`` samples into chunks that keep ``chunk * x.numel()`` bounded."""
+    if chunk_size is None:
+        chunk_size = max(1, MAX_CHUNK_ELEMENTS // max(1, x.numel()))
+    sizes = [chunk_size] * (total // chunk_size)
+    if total % chunk_size:
+        sizes.append(total % chunk_size)
+    return sizes
+
+
+def _check(model: LatentVariableModel, family: VariationalFamily, lam: Tensor, x: Tensor):
+    if family.latent_dim != model.latent_dim:
+        raise ValueError(
+            f"family has latent_dim {family.latent_dim} but the model has {model.latent_dim}"
+        )
+    if lam.dim() != 2 or lam.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"lam must have shape (batch, num_params) with batch = x.shape[0] = {x.shape[0]}, "
+            f"got {tuple(lam.shape)}"
+        )
+
+
+def elbo(
+    model: LatentVariableModel,
+    family: VariationalFamily,
+    lam: Tensor,
+    x: Tensor,
+    samples: int = 1,
+    *,
+    beta: float = 1.0,
+    analytic_kl: bool = True,
+    chunk_size: int | None = None,
+    stderr: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Reparameterized Monte Carlo estimate of the ELBO, ``(batch,)``.
+
+    L[q] = E_q[log p(x | z)] - beta * KL(q || p(z)), with the KL in closed form where one
+    is known (``analytic_kl=True``), else estimated as E_q[log q(z) - log p(z)]. ``beta``
+    below 1 is the warm-up of Bowman et al. (2016) and Sonderby et al. (2016).
+
+    With ``stderr=True`` also returns the Monte Carlo standard error of each estimate.
+    """
+    _check(model, family, lam, x)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    q = family.distribution(lam)
+    kl = kl_to_prior(q, model.prior) if analytic_kl else None
+    total = lam.new_zeros(lam.shape[0])  # (batch,)
+    total_sq = lam.new_zeros(lam.shape[0])
+    for size in _chunks(samples, x, chunk_size):
+        z = q.rsample((size,))  # (size, batch, D)
+        terms = model.log_likelihood(x, z)  # (size, batch)
+        if kl is None:
+            terms = terms + beta * (model.prior.log_prob(z) - q.log_prob(z))
+        total = total + terms.sum(0)
+        if stderr:
+            total_sq = total_sq + terms.detach().pow(2).sum(0)
+    value = total / samples
+    if kl is not None:
+        value = value - beta * kl
+    if not stderr:
+        return value
+    mean = total.detach() / samples
+    var = (total_sq / samples - mean.pow(2)).clamp_min(0) * samples / max(samples - 1, 1)
+    return value, (var / samples).sqrt()
+
+
+def iwae_bound(
+    model: LatentVariableModel,
+    family: VariationalFamily,
+    lam: Tensor,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    beta: float = 1.0,
+    chunk_size: int | None = None,
+    stderr: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Importance-weighted bound L_k = E[log (1/k) sum_i p(x, z_i) / q(z_i)], ``(batch,)``.
+
+    Burda, Grosse & Salakhutdinov (2016). L_1 is the ELBO and L_k rises to log p(x) as k
+    grows, so with thousands of samples from a good q it is the standard estimate of
+    log p(x). The log-sum-exp is accumulated over chunks of samples, so memory does not
+    grow with k. ``beta`` weights log p(z) - log q(z) inside each weight (warm-up).
+
+    With ``stderr=True`` also returns a delta-method standard error of each estimate,
+    sqrt((mean(w^2) / mean(w)^2 - 1) / k).
+    """
+    _check(model, family, lam, x)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = family.distribution(lam)
+    lse = lam.new_full((lam.shape[0],), -math.inf)  # running log sum_i w_i, (batch,)
+    lse_sq = lam.new_full((lam.shape[0],), -math.inf)  # running log sum_i w_i^2
+    for size in _chunks(k, x, chunk_size):
+        z = q.rsample((size,))  # (size, batch, D)
+        log_w = model.log_likelihood(x, z) + beta * (
+            model.prior.log_prob(z) - q.log_prob(z)
+        )  # (size, batch)
+        lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
+        if stderr:
+            lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w.detach(), dim=0))
+    value = lse - math.log(k)
+    if not stderr:
+        return value
+    # mean(w^2) / mean(w)^2 = exp(lse_sq - 2 lse + log k)
+    ratio = torch.exp(lse_sq - 2 * lse.detach() + math.log(k))
+    return value, ((ratio - 1).clamp_min(0) / k).sqrt()

@@ -1,0 +1,163 @@
+r"""Variational families q(z; lambda) with one parameter row per datapoint.
+
+A family is a recipe that turns a parameter tensor ``lam`` of shape
+``(batch, family.num_params)`` into a ``torch.distributions.Distribution`` over z
+with ``batch_shape == (batch,)`` and ``event_shape == (latent_dim,)``. The
+parameters are plain, unconstrained real numbers, so the same ``lam`` can be
+
+* computed by an encoder network, ``lam = encoder(x)`` (amortized inference),
+* optimised freely per datapoint, ``lam_i <- lam_i + lr * grad ELBO_i``
+  (classical VI, :func:`amortized.fit_local`),
+* or started at ``encoder(x)`` and improved (semi-amortized and iterative inference).
+
+Families hold no learnable state of their own: everything that varies across
+datapoints lives in ``lam``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+
+__all__ = ["VariationalFamily", "DiagonalGaussian", "FullCovarianceGaussian", "FAMILIES"]
+
+
+class VariationalFamily(ABC):
+    """Interface: a map from unconstrained parameters ``lam`` to a distribution over z."""
+
+    #: Short name used in reports and configs.
+    name: str = "family"
+
+    def __init__(self, latent_dim: int):
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        self.latent_dim = latent_dim
+
+    @property
+    @abstractmethod
+    def num_params(self) -> int:
+        """Length of one datapoint's parameter vector lambda."""
+
+    @abstractmethod
+    def _distribution(self, lam: Tensor) -> Distribution:
+        """Build q(z; lam) from parameters already checked by :meth:`distribution`."""
+
+    @abstractmethod
+    def prior_init(self, batch: int, device=None, dtype=None) -> Tensor:
+        """Parameters that make q equal to the standard Normal prior: ``(batch, num_params)``."""
+
+    def distribution(self, lam: Tensor) -> Distribution:
+        """q(z; lam) with ``batch_shape == lam.shape[:-1]`` and ``event_shape == (latent_dim,)``."""
+        if not isinstance(lam, Tensor):
+            raise TypeError(f"{self.name}: lam must be a torch.Tensor, got {type(lam).__name__}")
+        if lam.dim() < 1 or lam.shape[-1] != self.num_params:
+            raise ValueError(
+                f"{self.name}: lam must have shape (batch, {self.num_params}), "
+                f"got {tuple(lam.shape)}"
+            )
+        return self._distribution(lam)
+
+    def mean(self, lam: Tensor) -> Tensor:
+        """E_q[z], shape ``(batch, latent_dim)``."""
+        return self.distribution(lam).mean
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(latent_dim={self.latent_dim})"
+
+
+class DiagonalGaussian(VariationalFamily):
+    r"""Fully factorized Gaussian, q(z; lam) = N(mu, diag(sigma^2)).
+
+    ``lam = [mu, log sigma]``, so ``num_params = 2 * latent_dim``. This is the
+    family of the standard VAE (Kingma & Welling 2014) and the FFG of Cremer,
+    Li & Duvenaud (2018).
+
+    Example:
+        >>> family = DiagonalGaussian(2)
+        >>> lam = family.prior_init(3)
+        >>> family.distribution(lam).rsample((5,)).shape
+        torch.Size([5, 3, 2])
+    """
+
+    name = "diagonal"
+
+    @property
+    def num_params(self) -> int:
+        return 2 * self.latent_dim
+
+    def _distribution(self, lam: Tensor) -> Distribution:
+        loc, log_scale = lam.split(self.latent_dim, dim=-1)  # (batch, D) each
+        return Independent(Normal(loc, log_scale.exp()), 1)
+
+    def prior_init(self, batch: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch, self.num_params, device=device, dtype=dtype)
+
+    def mean(self, lam: Tensor) -> Tensor:
+        return lam[..., : self.latent_dim]
+
+
+class FullCovarianceGaussian(VariationalFamily):
+    r"""Gaussian with a full covariance, q(z; lam) = N(mu, L L^T).
+
+    ``lam = [mu, log diag(L), strictly-lower entries of L]`` (row-major), so
+    ``num_params = D + D(D+1)/2``. The Cholesky factor keeps the covariance
+    positive definite for every real ``lam``. Because the family contains every
+    Gaussian, it has no approximation gap on a linear-Gaussian model.
+
+    Example:
+        >>> family = FullCovarianceGaussian(2)
+        >>> family.num_params
+        5
+        >>> family.distribution(family.prior_init(4)).covariance_matrix[0]
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+
+    name = "fullcov"
+
+    def __init__(self, latent_dim: int):
+        super().__init__(latent_dim)
+        rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
+        self._rows, self._cols = rows, cols
+
+    @property
+    def num_params(self) -> int:
+        d = self.latent_dim
+        return d + d * (d + 1) // 2
+
+    def scale_tril(self, lam: Tensor) -> Tensor:
+        """Cholesky factor L, shape ``(batch, D, D)``."""
+        d = self.latent_dim
+        log_diag = lam[..., d : 2 * d]  # (batch, D)
+        off = lam[..., 2 * d :]  # (batch, D(D-1)/2)
+        strict = lam.new_zeros(*lam.shape[:-1], d, d)  # (batch, D, D)
+        strict[..., self._rows.to(lam.device), self._cols.to(lam.device)] = off
+        return strict + torch.diag_embed(log_diag.exp())
+
+    def _distribution(self, lam: Tensor) -> Distribution:
+        loc = lam[..., : self.latent_dim]
+        return MultivariateNormal(loc, scale_tril=self.scale_tril(lam))
+
+    def prior_init(self, batch: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch, self.num_params, device=device, dtype=dtype)
+
+    def mean(self, lam: Tensor) -> Tensor:
+        return lam[..., : self.latent_dim]
+
+    @staticmethod
+    def params_from(loc: Tensor, scale_tril: Tensor) -> Tensor:
+        """Inverse of :meth:`distribution`: ``lam`` from a mean and a Cholesky factor."""
+        d = loc.shape[-1]
+        rows, cols = torch.tril_indices(d, d, offset=-1, device=loc.device)
+        log_diag = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log()
+        return torch.cat([loc, log_diag, scale_tril[..., rows, cols]], dim=-1)
+
+
+#: Name -> class table used by configs and the command line.
+FAMILIES: dict[str, type[VariationalFamily]] = {
+    DiagonalGaussian.name: DiagonalGaussian,
+    FullCovarianceGaussian.name: FullCovarianceGaussian,
+}

@@ -1,0 +1,250 @@
+r"""The inference-gap decomposition of Cremer, Li & Duvenaud (2018).
+
+For a datapoint x, an encoder's q and the best member q* of its family,
+
+    log p(x) - L[q] = (log p(x) - L[q*])  +  (L[q*] - L[q])
+    inference gap   =  approximation gap  +  amortization gap.
+
+The approximation gap is what the family cannot express; the amortization gap is what
+one shared encoder loses against optimising every datapoint's lambda separately.
+:func:`gap_report` measures all three on the same model and data, with Monte Carlo
+standard errors, and the wall-clock price of each inference route.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .estimators import elbo, iwae_bound
+from .families import VariationalFamily
+from .local import fit_local
+from .model import LatentVariableModel
+
+__all__ = ["GapReport", "gap_report"]
+
+
+@dataclass
+class Quantity:
+    """A mean over datapoints with its Monte Carlo standard error."""
+
+    mean: float
+    stderr: float
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} ± {self.stderr:.3f}"
+
+
+@dataclass
+class GapReport:
+    """What :func:`gap_report` measured. Means are over the n datapoints, in nats.
+
+    ``elbo_local`` and ``approximation_gap`` have one entry per family optimised per
+    datapoint; ``amortization_gap`` is taken against the encoder's own family.
+    ``per_datapoint`` holds the arrays behind every mean; ``seconds_per_datapoint`` the
+    wall-clock cost of each inference route.
+    """
+
+    n: int
+    encoder_family: str
+    log_px: Quantity
+    log_px_method: str
+    elbo_amortized: Quantity
+    elbo_local: dict[str, Quantity]
+    approximation_gap: dict[str, Quantity]
+    amortization_gap: Quantity
+    inference_gap: Quantity
+    seconds_per_datapoint: dict[str, float]
+    settings: dict[str, Any]
+    local_fit: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_datapoint: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_dict(self, per_datapoint: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        out["per_datapoint"] = (
+            {k: v.tolist() for k, v in self.per_datapoint.items()} if per_datapoint else {}
+        )
+        return out
+
+    def to_json(self, path: str | Path | None = None, per_datapoint: bool = True) -> str:
+        text = json.dumps(self.to_dict(per_datapoint), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def table(self) -> str:
+        """The report as a Markdown table."""
+        fam = self.encoder_family
+        rows = [
+            ("log p(x)", str(self.log_px), self.log_px_method),
+            *[
+                (f"L[q*] ({name})", str(q), "per-datapoint optimisation")
+                for name, q in self.elbo_local.items()
+            ],
+            ("L[q] (encoder)", str(self.elbo_amortized), f"amortized, {fam}"),
+            (f"approximation gap ({fam})", str(self.approximation_gap[fam]), "log p(x) - L[q*]"),
+            ("amortization gap", str(self.amortization_gap), "L[q*] - L[q]"),
+            ("inference gap", str(self.inference_gap), "log p(x) - L[q]"),
+            *[
+                (f"approximation gap ({name})", str(q), "log p(x) - L[q*]")
+                for name, q in self.approximation_gap.items()
+                if name != fam
+            ],
+        ]
+        lines = ["| quantity | nats (± MC s.e.) | how |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        return "\n".join(lines)
+
+
+def _quantity(values: Tensor, stderrs: Tensor) -> Quantity:
+    """Mean over datapoints; the MC error of independent per-datapoint estimates adds."""
+    n = values.numel()
+    return Quantity(float(values.mean()), float(stderrs.square().sum().sqrt() / n))
+
+
+def _in_batches(fn, n: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    outs = [fn(slice(i, i + batch_size)) for i in range(0, n, batch_size)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def gap_report(
+    model: LatentVariableModel,
+    x: Tensor,
+    encoder: nn.Module,
+    family: VariationalFamily,
+    *,
+    families: Sequence[VariationalFamily] = (),
+    iwae_k: int = 5000,
+    elbo_samples: int = 1000,
+    local_kwargs: dict[str, Any] | None = None,
+    local_init: str = "encoder",
+    batch_size: int = 500,
+    progress: bool = False,
+) -> GapReport:
+    r"""Decompose log p(x) - L[q] into approximation and amortization gaps on data x.
+
+    Arguments:
+        model: the trained generative model, held fixed.
+        x: data, ``(n, *data_shape)``.
+        encoder: maps x to the parameters of ``family``.
+        family: the encoder's variational family; its per-datapoint optimum q* gives the
+            amortization gap.
+        families: further families to optimise per datapoint (their L[q*] and
+            approximation gaps are reported beside the encoder family's).
+        iwae_k: samples of the IWAE estimate of log p(x), drawn from q* of ``family``.
+        elbo_samples: samples for each evaluation of L[q] and L[q*].
+        local_kwargs: keyword arguments for :func:`amortized.fit_local`.
+        local_init: start q* at the encoder's output ("encoder") or the prior ("prior").
+        batch_size: datapoints evaluated together (memory, not results).
+
+    Returns:
+        A :class:`GapReport`; ``report.to_json()`` serialises it.
+    """
+    if local_init not in ("encoder", "prior"):
+        raise ValueError(f"local_init must be 'encoder' or 'prior', got {local_init!r}")
+    if iwae_k < 1 or elbo_samples < 2:
+        raise ValueError("iwae_k must be >= 1 and elbo_samples >= 2")
+    local_kwargs = dict(local_kwargs or {})
+    local_batch = local_kwargs.pop("batch_size", None) or x.shape[0]
+    n = x.shape[0]
+    was_training = (model.training, encoder.training)
+    model.eval()
+    encoder.eval()
+    per: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    try:
+        # Amortized route: one forward pass.
+        with torch.no_grad():
+            start = time.perf_counter()
+            lam_q = torch.cat([encoder(x[i : i + batch_size]) for i in range(0, n, batch_size)])
+            seconds["encoder"] = (time.perf_counter() - start) / n
+            per["elbo_amortized"], per["elbo_amortized_se"] = _in_batches(
+                lambda s: elbo(model, family, lam_q[s], x[s], elbo_samples, stderr=True),
+                n,
+                batch_size,
+            )
+
+        # Per-datapoint route: optimise lambda_i for each family.
+        lam_star: dict[str, Tensor] = {}
+        fit_stats: dict[str, dict[str, float]] = {}
+        all_families = [family, *[f for f in families if f.name != family.name]]
+        for fam in all_families:
+            init = lam_q if (local_init == "encoder" and fam.name == family.name) else None
+            start = time.perf_counter()
+            fit = fit_local(
+                model, fam, x, init, batch_size=local_batch, progress=progress,
+                **local_kwargs,
+            )  # fmt: skip
+            seconds[f"local/{fam.name}"] = (time.perf_counter() - start) / n
+            lam_star[fam.name] = fit.lam
+            fit_stats[fam.name] = {
+                "mean_steps": float(fit.steps.float().mean()),
+                "converged_fraction": float(fit.converged.float().mean()),
+            }
+            with torch.no_grad():
+                per[f"elbo_local/{fam.name}"], per[f"elbo_local/{fam.name}_se"] = _in_batches(
+                    lambda s, lam=fit.lam, fam=fam: elbo(
+                        model, fam, lam[s], x[s], elbo_samples, stderr=True
+                    ),
+                    n,
+                    batch_size,
+                )
+
+        # log p(x): IWAE-k with the optimised q* of the encoder's family as proposal.
+        with torch.no_grad():
+            start = time.perf_counter()
+            per["log_px"], per["log_px_se"] = _in_batches(
+                lambda s: iwae_bound(
+                    model, family, lam_star[family.name][s], x[s], iwae_k, stderr=True
+                ),
+                n,
+                batch_size,
+            )
+            seconds["iwae"] = (time.perf_counter() - start) / n
+    finally:
+        model.train(was_training[0])
+        encoder.train(was_training[1])
+
+    log_px, log_px_se = per["log_px"], per["log_px_se"]
+    l_q, l_q_se = per["elbo_amortized"], per["elbo_amortized_se"]
+    l_star, l_star_se = per[f"elbo_local/{family.name}"], per[f"elbo_local/{family.name}_se"]
+    approx = {
+        fam.name: _quantity(
+            log_px - per[f"elbo_local/{fam.name}"],
+            (log_px_se.square() + per[f"elbo_local/{fam.name}_se"].square()).sqrt(),
+        )
+        for fam in all_families
+    }
+    return GapReport(
+        n=n,
+        encoder_family=family.name,
+        log_px=_quantity(log_px, log_px_se),
+        log_px_method=f"IWAE, k={iwae_k}, proposal q* ({family.name})",
+        elbo_amortized=_quantity(l_q, l_q_se),
+        elbo_local={
+            fam.name: _quantity(per[f"elbo_local/{fam.name}"], per[f"elbo_local/{fam.name}_se"])
+            for fam in all_families
+        },
+        approximation_gap=approx,
+        amortization_gap=_quantity(l_star - l_q, (l_star_se.square() + l_q_se.square()).sqrt()),
+        inference_gap=_quantity(log_px - l_q, (log_px_se.square() + l_q_se.square()).sqrt()),
+        seconds_per_datapoint=seconds,
+        settings={
+            "iwae_k": iwae_k,
+            "elbo_samples": elbo_samples,
+            "local_init": local_init,
+            "local_kwargs": local_kwargs,
+            "stderr": "Monte Carlo standard error of the mean over datapoints",
+        },
+        local_fit=fit_stats,
+        per_datapoint={k: v.detach().cpu().numpy() for k, v in per.items()},
+    )
+

@@ -1,0 +1,316 @@
+"""Train a VAE (decoder and amortized encoder together) on the ELBO or the IWAE bound.
+
+The loop reads top to bottom: shuffle, (re)binarize, step on the bound with a warmed-up
+KL weight, evaluate on the validation split, keep the best weights, stop early, and
+write a checkpoint atomically at the end of every epoch. A run killed at any point
+resumes from its last checkpoint and, because every random stream (parameter init,
+data order, binarization, reparameterization noise) is restored, ends exactly where an
+uninterrupted run with the same seed ends.
+
+Run directory layout::
+
+    config.toml      the TrainConfig that ran
+    metrics.jsonl    one JSON line per epoch
+    checkpoint.pt    everything needed to resume (written atomically)
+    model.pt         the best weights on validation, written when training ends
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
+from .data import Dataset, binarize, check_data, fixed_binarization, load_dataset
+from .decoders import DECODERS
+from .encoders import MLPEncoder
+from .estimators import elbo, iwae_bound
+from .families import FAMILIES, VariationalFamily
+from .model import LatentVariableModel
+
+__all__ = ["Trained", "build", "train", "load_run", "prepare_split", "evaluate_elbo"]
+
+CHECKPOINT_FORMAT = "amortized-train-v1"
+OBJECTIVES = ("elbo", "iwae")
+
+
+@dataclass
+class Trained:
+    """A trained model with its amortized encoder, family and the config that made it."""
+
+    model: LatentVariableModel
+    encoder: nn.Module
+    family: VariationalFamily
+    config: TrainConfig
+    image_shape: tuple[int, ...] | None = None
+    run_dir: Path | None = None
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject settings that cannot work, with one line naming the field."""
+    checks = [
+        (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
+        (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
+        (config.objective in OBJECTIVES, f"objective must be one of {list(OBJECTIVES)}"),
+        (config.latent_dim >= 1, "latent_dim must be >= 1"),
+        (all(h >= 1 for h in config.hidden), "hidden sizes must be >= 1"),
+        (config.samples >= 1, "samples must be >= 1"),
+        (config.epochs >= 0, "epochs must be >= 0"),
+        (config.batch_size >= 1, "batch_size must be >= 1"),
+        (config.lr > 0 and math.isfinite(config.lr), "lr must be a positive number"),
+        (config.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (config.patience >= 1, "patience must be >= 1"),
+        (config.valid_samples >= 1, "valid_samples must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def build(
+    config: TrainConfig, data_dim: int
+) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:
+    """The model, encoder and family a config describes (freshly initialised)."""
+    validate(config)
+    family = FAMILIES[config.family](config.latent_dim)
+    decoder = DECODERS[config.likelihood](
+        config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
+    )
+    model = LatentVariableModel(decoder, config.latent_dim)
+    encoder = MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
+    return model, encoder, family
+
+
+def prepare_split(dataset: Dataset, split: str, likelihood: str, seed: int = 0) -> Tensor:
+    """An evaluation split ready for the likelihood: fixed binarization where needed."""
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be train, valid or test, got {split!r}")
+    x = getattr(dataset, split)
+    if likelihood == "bernoulli" and dataset.binarization == "dynamic":
+        offset = {"train": 0, "valid": 1, "test": 2}[split]
+        x = fixed_binarization(x, seed=1000 * seed + offset)
+    return check_data(x, likelihood=likelihood, name=f"{dataset.name}/{split}")
+
+
+def bound(
+    model: LatentVariableModel,
+    encoder: nn.Module,
+    family: VariationalFamily,
+    x: Tensor,
+    objective: str,
+    samples: int,
+    beta: float = 1.0,
+) -> Tensor:
+    """The training objective per datapoint, ``(batch,)``: ELBO or IWAE-k at q = encoder(x)."""
+    lam = encoder(x)  # (batch, num_params)
+    if objective == "iwae":
+        return iwae_bound(model, family, lam, x, samples, beta=beta)
+    return elbo(model, family, lam, x, samples, beta=beta)
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model, encoder, family, x: Tensor, samples: int = 10, batch_size: int = 1000
+) -> float:
+    """Mean ELBO of the encoder's q over x."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        total += float(elbo(model, family, encoder(xb), xb, samples).sum())
+    return total / x.shape[0]
+
+
+def _clone_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _identity(config: dict) -> dict:
+    """The settings that define a run's result (not where or how verbosely it runs)."""
+    return {k: v for k, v in config.items() if k not in ("device", "progress")}
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Keep the first ``epochs`` lines: a run killed after logging resumes without duplicates."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)[:epochs]
+    path.write_text("".join(lines))
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    dataset: Dataset | None = None,
+) -> Trained:
+    """Train (or resume training) a VAE in ``run_dir``; returns the best model on validation."""
+    validate(config)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if state is not None and _identity(state["config"]) != _identity(to_dict(config)):
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config; resume it with the same settings "
+            "or choose another --run-dir"
+        )
+    save_config(config, run_dir / "config.toml")
+
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is cuda but no CUDA GPU is available")
+    dataset = dataset or load_dataset(config.dataset, config.data_dir or None)
+    dynamic = config.likelihood == "bernoulli" and dataset.binarization == "dynamic"
+    train_x = dataset.train if dynamic else prepare_split(dataset, "train", config.likelihood)
+    train_x = train_x.to(device)
+    valid_x = prepare_split(dataset, "valid", config.likelihood, config.seed).to(device)
+
+    torch.manual_seed(config.seed)
+    model, encoder, family = build(config, dataset.data_dim)
+    model.to(device)
+    encoder.to(device)
+    optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=config.lr)
+    order_rng = torch.Generator().manual_seed(config.seed)
+    binarize_rng = torch.Generator(device).manual_seed(config.seed + 1)
+    n = train_x.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+
+    epoch, step, best, bad_epochs = 0, 0, -math.inf, 0
+    best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            encoder.load_state_dict(state["encoder"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+            order_rng.set_state(state["rng"]["order"])
+            binarize_rng.set_state(state["rng"]["binarize"].to(binarize_rng.get_state().device))
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{ckpt_path} does not match this model: {err}") from None
+        epoch, step, best = state["epoch"], state["step"], state["best"]
+        bad_epochs, best_state = state["bad_epochs"], state["best_state"]
+    _truncate_metrics(metrics_path, epoch)
+
+    bar = tqdm(
+        total=config.epochs, initial=epoch, desc="train", disable=not config.progress, leave=False
+    )
+    while epoch < config.epochs and bad_epochs < config.patience:
+        start = time.perf_counter()
+        model.train()
+        encoder.train()
+        total_loss, skipped = 0.0, 0
+        for idx in torch.randperm(n, generator=order_rng).split(config.batch_size):
+            xb = train_x[idx.to(device)]  # (batch, data_dim)
+            if dynamic:
+                xb = binarize(xb, generator=binarize_rng)
+            beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+            loss = -bound(model, encoder, family, xb, config.objective, config.samples, beta)
+            loss = loss.mean()
+            step += 1
+            if not torch.isfinite(loss):
+                skipped += 1
+                warnings.warn(f"non-finite loss at step {step}; step skipped", stacklevel=1)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * xb.shape[0]
+        model.eval()
+        encoder.eval()
+        valid = evaluate_elbo(model, encoder, family, valid_x, config.valid_samples)
+        epoch += 1
+        if valid > best:
+            best, bad_epochs = valid, 0
+            best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
+        else:
+            bad_epochs += 1
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "beta": beta,
+            "train_loss": total_loss / n,
+            "valid_elbo": valid,
+            "best_valid_elbo": best,
+            "skipped_steps": skipped,
+            "seconds": time.perf_counter() - start,
+        }
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        rng = {
+            "torch": torch.get_rng_state(),
+            "order": order_rng.get_state(),
+            "binarize": binarize_rng.get_state(),
+        }
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": to_dict(config),
+                "epoch": epoch,
+                "step": step,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "model": model.state_dict(),
+                "encoder": encoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "best_state": best_state,
+                "rng": rng,
+            },
+            ckpt_path,
+        )
+        bar.update(1)
+        bar.set_postfix(valid_elbo=f"{valid:.2f}", best=f"{best:.2f}")
+    bar.close()
+
+    model.load_state_dict(best_state["model"])
+    encoder.load_state_dict(best_state["encoder"])
+    save_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": to_dict(config),
+            "data_dim": dataset.data_dim,
+            "image_shape": list(dataset.image_shape or []),
+            "model": model.state_dict(),
+            "encoder": encoder.state_dict(),
+            "best_valid_elbo": best,
+            "epochs": epoch,
+        },
+        run_dir / "model.pt",
+    )
+    return Trained(model, encoder, family, config, dataset.image_shape, run_dir)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
+    """Load the trained model of a finished run directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt"
+    if not path.exists():
+        hint = " (training has not finished: resume it with `amortized train`)"
+        raise CheckpointError(
+            f"no trained model in {run_dir}" + (hint if (run_dir / "checkpoint.pt").exists() else "")
+        )
+    state = load_checkpoint(path, map_location=device)
+    config = from_dict(TrainConfig, state["config"])
+    model, encoder, family = build(config, state["data_dim"])
+    try:
+        model.load_state_dict(state["model"])
+        encoder.load_state_dict(state["encoder"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not match its config: {err}") from None
+    model.to(device).eval()
+    encoder.to(device).eval()
+    image_shape = tuple(state["image_shape"]) or None
+    return Trained(model, encoder, family, config, image_shape, run_dir)
