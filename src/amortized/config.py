@@ -81,8 +81,8 @@ class GapConfig:
     )
     split: str = field(default="test", metadata=_help("train, valid or test"))
     max_points: int = field(default=0, metadata=_help("evaluate the first N points (0: all)"))
-    batch_size: int = field(default=500, metadata=_help("datapoints evaluated together"))
-    seed: int = field(default=0, metadata=_help("random seed of the estimates"))
+    eval_batch_size: int = field(default=500, metadata=_help("datapoints evaluated together"))
+    eval_seed: int = field(default=0, metadata=_help("random seed of the estimates"))
 
 
 @dataclass

@@ -1,0 +1,179 @@
+"""The ``amortized`` command line: ``train``, ``gap``, ``study`` and ``download``.
+
+Options are generated from the config dataclasses (one ``--field-name`` per field), so
+the command line, the TOML files and the Python API share one set of names and types.
+``--config FILE.toml`` loads a config; options given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, GapConfig, StudyConfig, TrainConfig, coerce, load_config
+from .data import DataError
+
+__all__ = ["main"]
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One option per dataclass field; values stay strings until :func:`_apply`."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        if hints[f.name] is bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            group.add_argument(flag, dest=f.name, metavar=f.name.upper(), default=None, help=text)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _apply(config: Any, args: argparse.Namespace) -> Any:
+    """A copy of ``config`` with every option given on the command line, type-checked."""
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(args, f.name, None)
+        if value is not None and not dataclasses.is_dataclass(hints[f.name]):
+            changes[f.name] = coerce(value, hints[f.name], "--" + f.name.replace("_", "-"))
+    return dataclasses.replace(config, **changes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amortized",
+        description="Amortized variational inference, measured: train VAEs, decompose the "
+        "inference gap, and report what amortization costs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "study",
+        help="train a VAE, measure its gaps on train and test data, write a report",
+        description="Train a VAE (or resume its run), measure the inference gaps on a training "
+        "subset and on the test split, and write report.md, results.json and PNG plots. "
+        "With no options: mnist5k, about 3 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--run-dir", default=None, help="output directory (default: runs/study-DATASET)")
+    p.add_argument("--config", default=None, help="StudyConfig TOML file")
+    _add_fields(p, TrainConfig)
+    _add_fields(p, GapConfig, skip=("split",))
+    _add_fields(p, StudyConfig)
+
+    p = sub.add_parser(
+        "train",
+        help="train a VAE; rerun the same command to resume a killed run",
+        description="Train a VAE into a run directory (config.toml, metrics.jsonl, checkpoint.pt, "
+        "model.pt). If the directory holds a checkpoint of the same config, training resumes.",
+    )
+    p.add_argument("--run-dir", default=None, help="output directory (default: runs/train-DATASET)")
+    p.add_argument("--config", default=None, help="TrainConfig TOML file")
+    _add_fields(p, TrainConfig)
+
+    p = sub.add_parser(
+        "gap",
+        help="the inference-gap report of a trained run",
+        description="Decompose log p(x) - L[q] into approximation and amortization gaps for the "
+        "model in RUN_DIR; prints a table and writes RUN_DIR/gaps_SPLIT.json.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `amortized train`")
+    p.add_argument("--config", default=None, help="GapConfig TOML file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/gaps_SPLIT.json)")
+    _add_fields(p, GapConfig)
+
+    p = sub.add_parser(
+        "download",
+        help="download a dataset's files (needs a network)",
+        description="Download binarized MNIST (Larochelle & Murray) and verify its checksums.",
+    )
+    p.add_argument("dataset", choices=["binarized-mnist"])
+    p.add_argument("--data-dir", default=None, help="target directory")
+    return parser
+
+
+def _study(args: argparse.Namespace) -> None:
+    from .study import run_study
+
+    config = load_config(StudyConfig, args.config) if args.config else StudyConfig()
+    config = dataclasses.replace(
+        _apply(config, args), train=_apply(config.train, args), gap=_apply(config.gap, args)
+    )
+    run_dir = Path(args.run_dir or f"runs/study-{Path(config.train.dataset).stem}")
+    results = run_study(config, run_dir)
+    print((run_dir / "report.md").read_text().split("## Cost of inference")[0].rstrip())
+    print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
+          f"in {results['seconds']:.0f} s")  # fmt: skip
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
+    config = _apply(config, args)
+    run_dir = Path(args.run_dir or f"runs/train-{Path(config.dataset).stem}")
+    train(config, run_dir)
+    print(f"trained model in {run_dir / 'model.pt'}")
+
+
+def _gap(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .study import measure_gaps
+    from .train import load_run, prepare_split
+
+    config = load_config(GapConfig, args.config) if args.config else GapConfig()
+    config = _apply(config, args)
+    trained = load_run(args.run_dir, device=args.device)
+    dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
+    x = prepare_split(dataset, config.split, trained.config.likelihood)
+    if config.max_points:
+        x = x[: config.max_points]
+    report = measure_gaps(trained, x.to(args.device), config, args.progress)
+    output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
+    report.to_json(output)
+    print(report.table())
+    print(f"\nwrote {output}")
+
+
+def _download(args: argparse.Namespace) -> None:
+    from .data import default_data_dir, download_binarized_mnist
+
+    path = download_binarized_mnist(args.data_dir or default_data_dir())
+    print(f"binarized MNIST is in {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"study": _study, "train": _train, "gap": _gap, "download": _download}
+    try:
+        commands[args.command](args)
+    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+        print(f"amortized {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Figures of a study: gap bars, training curves, per-datapoint gaps, images.
+
+Every function takes plain data and a path, writes one PNG and returns the path, so
+the figures can be remade from ``results.json`` without the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or used
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_gap_bars", "plot_training_curves", "plot_gap_histograms", "plot_images"]
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gap_bars(gaps: dict[str, dict[str, tuple[float, float]]], path: str | Path) -> Path:
+    """Stacked bars: approximation + amortization = inference gap, one bar per data split.
+
+    ``gaps[split] = {"approximation": (mean, se), "amortization": (mean, se)}``.
+    """
+    splits = list(gaps)
+    pos = np.arange(len(splits))
+    approx = np.array([gaps[s]["approximation"][0] for s in splits])
+    amort = np.array([gaps[s]["amortization"][0] for s in splits])
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.bar(pos, approx, 0.6, label="approximation gap", color="#4c72b0")
+    ax.bar(pos, amort, 0.6, bottom=approx, label="amortization gap", color="#dd8452")
+    for i, s in enumerate(splits):
+        ax.errorbar(i, approx[i], yerr=gaps[s]["approximation"][1], color="k", capsize=3)
+        ax.errorbar(i, approx[i] + amort[i], yerr=gaps[s]["amortization"][1], color="k", capsize=3)
+        ax.text(i, approx[i] + amort[i], f"{approx[i] + amort[i]:.2f}", ha="center", va="bottom")
+    ax.set_xticks(pos, splits)
+    ax.set_ylabel("nats per datapoint")
+    ax.set_title("Inference gap = approximation + amortization")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.margins(y=0.15)
+    return _save(fig, path)
+
+
+def plot_training_curves(metrics: Sequence[dict], path: str | Path) -> Path:
+    """Training objective and validation ELBO per epoch."""
+    epochs = [m["epoch"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [-m["train_loss"] for m in metrics], label="train bound (warm-up weighted)")
+    ax.plot(epochs, [m["valid_elbo"] for m in metrics], label="validation ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per datapoint")
+    if len(metrics) > 1:  # the first epochs are far below the rest; keep the scale readable
+        low = np.percentile([m["valid_elbo"] for m in metrics], 5)
+        high = max(max(-m["train_loss"] for m in metrics), max(m["valid_elbo"] for m in metrics))
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_gap_histograms(amortization: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Per-datapoint amortization gaps, one histogram per split."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    values = np.concatenate(list(amortization.values()))
+    bins = np.linspace(np.percentile(values, 0.5), np.percentile(values, 99.5), 40)
+    for split, gap in amortization.items():
+        ax.hist(gap, bins=bins, alpha=0.5, density=True, label=f"{split} (mean {gap.mean():.2f})")
+    ax.set_xlabel("amortization gap L[q*] - L[q] (nats)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_images(
+    rows: dict[str, np.ndarray], image_shape: Sequence[int], path: str | Path
+) -> Path:
+    """A grid of images, one labelled row per entry of ``rows`` (each ``(n, prod(shape))``)."""
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(
+        len(rows), n, figsize=(0.8 * n, 0.9 * len(rows)), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(np.asarray(images[c]).reshape(image_shape), cmap="gray_r", vmin=0, vmax=1)
+        axes[r, 0].set_title(label, fontsize=8, loc="left")
+    return _save(fig, path)

@@ -1,0 +1,233 @@
+"""One command, one study: train a VAE, measure its inference gaps on training and
+held-out data side by side, and write a report with tables and plots.
+
+Outputs in the run directory: ``report.md``, ``results.json`` (every number of the
+report, with the config), ``gaps_train.json`` and ``gaps_test.json`` (with per-datapoint
+arrays) and the PNG figures the report shows.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import GapConfig, StudyConfig, to_dict
+from .data import load_dataset
+from .families import FAMILIES
+from .gaps import GapReport, gap_report
+from .plots import plot_gap_bars, plot_gap_histograms, plot_images, plot_training_curves
+from .train import Trained, prepare_split, train
+
+__all__ = ["run_study", "measure_gaps"]
+
+
+def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bool) -> GapReport:
+    """The gap report of a trained model on data x, as a GapConfig describes it."""
+    unknown = [f for f in gap.families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown family {unknown[0]!r}; choose from {sorted(FAMILIES)}")
+    torch.manual_seed(gap.eval_seed)
+    latent_dim = trained.config.latent_dim
+    return gap_report(
+        trained.model,
+        x,
+        trained.encoder,
+        trained.family,
+        families=[FAMILIES[name](latent_dim) for name in gap.families],
+        iwae_k=gap.iwae_k,
+        elbo_samples=gap.elbo_samples,
+        local_kwargs={
+            "steps": gap.local_steps,
+            "lr": gap.local_lr,
+            "samples": gap.local_samples,
+            "batch_size": max(gap.eval_batch_size, 1000),
+        },
+        local_init=gap.local_init,
+        batch_size=gap.eval_batch_size,
+        progress=progress,
+    )
+
+
+def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train (or resume), measure gaps on a training subset and the test split, report."""
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    dataset = load_dataset(config.train.dataset, config.train.data_dir or None)
+    trained = train(config.train, run_dir, dataset=dataset)
+    train_seconds = time.perf_counter() - started
+    device = next(trained.model.parameters()).device
+    likelihood = config.train.likelihood
+
+    reports: dict[str, GapReport] = {}
+    test_x = prepare_split(dataset, "test", likelihood)
+    if config.gap.max_points:
+        test_x = test_x[: config.gap.max_points]
+    train_x = prepare_split(dataset, "train", likelihood)[: config.train_subset]
+    for split, x in (("train", train_x), ("test", test_x)):
+        reports[split] = measure_gaps(trained, x.to(device), config.gap, config.train.progress)
+        reports[split].to_json(run_dir / f"gaps_{split}.json")
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    figures = _figures(trained, reports, metrics, test_x, run_dir)
+    results = {
+        "config": to_dict(config),
+        "dataset": {
+            "name": dataset.name,
+            "train": len(dataset.train),
+            "valid": len(dataset.valid),
+            "test": len(dataset.test),
+            "binarization": dataset.binarization,
+        },
+        "training": {
+            "epochs": len(metrics),
+            "best_valid_elbo": max(m["valid_elbo"] for m in metrics) if metrics else None,
+            "seconds": train_seconds,
+        },
+        "gaps": {split: r.to_dict(per_datapoint=False) for split, r in reports.items()},
+        "figures": figures,
+        "machine": _machine(device),
+        "seconds": time.perf_counter() - started,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "report.md").write_text(_report(config, results, reports))
+    return results
+
+
+def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]:
+    figures = {
+        "gaps": plot_gap_bars(
+            {
+                split: {
+                    "approximation": tuple(asdict(r.approximation_gap[r.encoder_family]).values()),
+                    "amortization": tuple(asdict(r.amortization_gap).values()),
+                }
+                for split, r in reports.items()
+            },
+            run_dir / "gaps.png",
+        ).name,
+        "gap_histogram": plot_gap_histograms(
+            {
+                split: r.per_datapoint[f"elbo_local/{r.encoder_family}"]
+                - r.per_datapoint["elbo_amortized"]
+                for split, r in reports.items()
+            },
+            run_dir / "amortization_gap_hist.png",
+        ).name,
+    }
+    if metrics:
+        figures["training"] = plot_training_curves(metrics, run_dir / "training.png").name
+    if trained.image_shape:
+        model, encoder, family = trained.model, trained.encoder, trained.family
+        with torch.no_grad():
+            x = test_x[:10].to(next(model.parameters()).device)
+            recon = model.likelihood(family.mean(encoder(x))).mean
+            torch.manual_seed(0)
+            samples = model.sample(10, mean=True)
+        rows = {
+            "test data": x.cpu().numpy(),
+            "reconstruction (mean of p(x|E[z|x]))": recon.cpu().numpy(),
+            "samples (mean of p(x|z), z ~ p(z))": samples.cpu().numpy(),
+        }
+        figures["images"] = plot_images(rows, trained.image_shape, run_dir / "images.png").name
+    return figures
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, GapReport]) -> str:
+    tc, gc = config.train, config.gap
+    train_r, test_r = reports["train"], reports["test"]
+    fam = test_r.encoder_family
+
+    def row(label: str, get) -> str:
+        return f"| {label} | {get(train_r)} | {get(test_r)} |"
+
+    rows = [
+        row("datapoints", lambda r: r.n),
+        row("log p(x)", lambda r: r.log_px),
+        *[row(f"L[q*] {name}", lambda r, n=name: r.elbo_local[n]) for name in test_r.elbo_local],
+        row("L[q] encoder", lambda r: r.elbo_amortized),
+        row(f"approximation gap ({fam})", lambda r: r.approximation_gap[fam]),
+        row("amortization gap", lambda r: r.amortization_gap),
+        row("inference gap", lambda r: r.inference_gap),
+        *[
+            row(f"approximation gap ({name})", lambda r, n=name: r.approximation_gap[n])
+            for name in test_r.approximation_gap
+            if name != fam
+        ],
+    ]
+    timing = [
+        f"| {route} | {train_r.seconds_per_datapoint[route] * 1e3:.4f} "
+        f"| {test_r.seconds_per_datapoint[route] * 1e3:.4f} |"
+        for route in test_r.seconds_per_datapoint
+    ]
+    fig = results["figures"]
+    generalisation = test_r.amortization_gap.mean - train_r.amortization_gap.mean
+    lines = [
+        f"# Amortization study: {results['dataset']['name']}",
+        "",
+        f"Model: {tc.likelihood} decoder, z in R^{tc.latent_dim}, MLP {list(tc.hidden)} "
+        f"({tc.activation}), {tc.family} Gaussian encoder, trained on the {tc.objective.upper()}"
+        f"{f'-{tc.samples}' if tc.objective == 'iwae' else ''} for "
+        f"{results['training']['epochs']} epochs (best validation ELBO "
+        f"{results['training']['best_valid_elbo']:.2f}).",
+        f"Data: {results['dataset']['train']} train / {results['dataset']['valid']} valid / "
+        f"{results['dataset']['test']} test, binarization: {results['dataset']['binarization']}.",
+        "",
+        "## Inference gaps (nats per datapoint, mean ± Monte Carlo standard error)",
+        "",
+        f"log p(x) by {test_r.log_px_method}; every L[.] from {gc.elbo_samples} samples; q* by "
+        f"per-datapoint optimisation (Adam, <= {gc.local_steps} steps, init: {gc.local_init}).",
+        "",
+        "| quantity | training subset | test |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"The encoder was fitted to the training data; on the test split its amortization gap is "
+        f"{generalisation:+.2f} nats {'larger' if generalisation >= 0 else 'smaller'} than on "
+        "the training subset.",
+        "",
+        f"![gaps]({fig['gaps']})  ![amortization gap per datapoint]({fig['gap_histogram']})",
+        "",
+        "## Cost of inference (milliseconds per datapoint)",
+        "",
+        "| route | training subset | test |",
+        "|---|---|---|",
+        *timing,
+        "",
+        "`encoder` is one forward pass; `local/*` is per-datapoint optimisation of lambda "
+        "(batched); `iwae` the log p(x) estimate.",
+        "",
+    ]
+    if "training" in fig:
+        lines += ["## Training", "", f"![training curves]({fig['training']})", ""]
+    if "images" in fig:
+        lines += ["## Reconstructions and samples", "", f"![images]({fig['images']})", ""]
+    m = results["machine"]
+    lines += [
+        "## Machine",
+        "",
+        f"{m['platform']}, {m['processor']}, torch {m['torch']}, {m['threads']} threads, "
+        f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}. "
+        f"Study wall time {results['seconds']:.0f} s (training {results['training']['seconds']:.0f} s).",
+        "",
+    ]
+    return "\n".join(lines)
+
