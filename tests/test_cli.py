@@ -1,0 +1,77 @@
+"""The command line: help, one-line errors, and a study end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from amortized.cli import main
+from amortized.data import load_dataset
+
+TINY = [
+    "--latent-dim", "2", "--hidden", "16", "--epochs", "2", "--no-progress",
+    "--iwae-k", "20", "--elbo-samples", "10", "--local-steps", "20", "--eval-batch-size", "40",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    full = load_dataset("mnist5k")
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(
+        path, train=full.train[:200].numpy(), valid=full.valid[:50].numpy(),
+        test=full.test[:40].numpy(),
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["study"], ["train"], ["gap"], ["download"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: amortized" in capsys.readouterr().out
+
+
+def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["study", "--dataset", str(tiny_npz), "--run-dir", str(run), "--train-subset", "30"]
+    assert main([*argv, *TINY, "--families", "fullcov"]) == 0
+    for name in ("report.md", "results.json", "gaps.png", "training.png", "images.png",
+                 "gaps_train.json", "gaps_test.json", "config.toml", "metrics.jsonl"):  # fmt: skip
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    test = results["gaps"]["test"]
+    assert test["n"] == 40 and results["gaps"]["train"]["n"] == 30
+    total = test["approximation_gap"]["diagonal"]["mean"] + test["amortization_gap"]["mean"]
+    assert total == pytest.approx(test["inference_gap"]["mean"], abs=1e-4)
+    assert "fullcov" in test["elbo_local"]
+    report = (run / "report.md").read_text()
+    assert "| amortization gap |" in report and "training subset" in report
+    capsys.readouterr()
+
+    assert main(["gap", str(run), "--split", "valid", "--iwae-k", "10", "--elbo-samples", "5",
+                 "--local-steps", "10", "--no-progress"]) == 0  # fmt: skip
+    assert "amortization gap" in capsys.readouterr().out
+    assert json.loads((run / "gaps_valid.json").read_text())["n"] == 50
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--epochs", "many"], "--epochs: expected int, got 'many'"),
+        (["train", "--lr", "fast"], "--lr: expected float"),
+        (["train", "--family", "banana"], "family must be one of"),
+        (["train", "--dataset", "nosuch.npz"], "nosuch.npz"),
+        (["train", "--config", "missing.toml"], "config file not found"),
+        (["gap", "no-such-run"], "no trained model in no-such-run"),
+    ],
+)
+def test_bad_values_give_one_line_errors(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--no-progress"] if argv[0] != "gap" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1

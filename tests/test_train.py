@@ -1,0 +1,230 @@
+"""Training: determinism, resume after a kill, checkpoints, config checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from amortized.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from amortized.config import ConfigError, TrainConfig, load_config, save_config
+from amortized.data import Dataset, load_dataset
+from amortized.train import load_run, train
+
+TINY = dict(latent_dim=2, hidden=(16,), epochs=4, batch_size=50, progress=False, patience=50)
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> Dataset:
+    full = load_dataset("mnist5k")
+    return Dataset("tiny", full.train[:300], full.valid[:100], full.test[:100], "dynamic", (28, 28))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run_dir / "model.pt")
+    return {f"{part}.{k}": v for part in ("model", "encoder") for k, v in state[part].items()}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _metrics(a) == _metrics(b)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_training_improves_the_bound(tiny_data, tmp_path):
+    train(TrainConfig(**{**TINY, "epochs": 6}), tmp_path, dataset=tiny_data)
+    metrics = _metrics(tmp_path)
+    assert len(metrics) == 6
+    assert metrics[-1]["best_valid_elbo"] > metrics[0]["valid_elbo"] + 20
+
+
+def test_same_seed_same_run_and_other_seed_differs(tiny_data, tmp_path):
+    train(TrainConfig(**TINY), tmp_path / "a", dataset=tiny_data)
+    train(TrainConfig(**TINY), tmp_path / "b", dataset=tiny_data)
+    train(TrainConfig(**TINY, seed=1), tmp_path / "c", dataset=tiny_data)
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert _metrics(tmp_path / "a") != _metrics(tmp_path / "c")
+
+
+@pytest.mark.parametrize("crash_at", ["after_checkpoint", "mid_epoch"])
+def test_resume_after_crash_ends_like_uninterrupted_run(tiny_data, tmp_path, monkeypatch, crash_at):
+    config = TrainConfig(**TINY)
+    train(config, tmp_path / "whole", dataset=tiny_data)
+
+    import amortized.train as train_module
+
+    calls = {"n": 0}
+    if crash_at == "after_checkpoint":
+        real = train_module.save_atomic
+
+        def crashing_save(obj, path):
+            real(obj, path)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(train_module, "save_atomic", crashing_save)
+    else:
+        real_step = torch.optim.Adam.step
+
+        def crashing_step(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 15:  # inside the third epoch (6 steps per epoch)
+                raise KeyboardInterrupt
+            return real_step(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", dataset=tiny_data)
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    monkeypatch.undo()
+    train(config, tmp_path / "killed", dataset=tiny_data)
+    _assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path):
+    """A real SIGKILL of the command-line training, twice, then resume to the end."""
+    full = load_dataset("mnist5k")
+    data = tmp_path / "tiny.npz"
+    np.savez(
+        data, train=full.train[:600].numpy(), valid=full.valid[:100].numpy(),
+        test=full.test[:100].numpy(),
+    )  # fmt: skip
+    args = [
+        sys.executable, "-m", "amortized", "train", "--dataset", str(data), "--latent-dim", "2",
+        "--hidden", "32", "--epochs", "30", "--batch-size", "20", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    subprocess.run([*args, "--run-dir", str(tmp_path / "whole")], check=True, env=env)
+    rng = np.random.default_rng(0)
+    killed = tmp_path / "killed"
+    for _ in range(2):
+        proc = subprocess.Popen([*args, "--run-dir", str(killed)], env=env)
+        deadline = time.time() + 60
+        while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))  # somewhere in a later epoch, or mid-save
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+        assert not (killed / "model.pt").exists()
+    subprocess.run([*args, "--run-dir", str(killed)], check=True, env=env)
+    _assert_same_run(tmp_path / "whole", killed)
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tiny_data, tmp_path):
+    config = TrainConfig(**TINY)
+    train(config, tmp_path, dataset=tiny_data)
+    ckpt = tmp_path / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        train(config, tmp_path, dataset=tiny_data)
+    assert ckpt.read_bytes() == data[: len(data) // 2]  # nothing overwritten
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="model.pt"):
+        load_run(tmp_path)
+
+
+def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"format": "x", "payload": Payload()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_atomic({"format": "t", "v": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space"):
+        save_atomic({"format": "t", "v": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["v"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+
+
+def test_resuming_with_another_config_is_refused(tiny_data, tmp_path):
+    train(TrainConfig(**TINY), tmp_path, dataset=tiny_data)
+    with pytest.raises(ConfigError, match="different config"):
+        train(TrainConfig(**{**TINY, "lr": 0.01}), tmp_path, dataset=tiny_data)
+
+
+def test_load_run_restores_the_best_model(tiny_data, tmp_path):
+    trained = train(TrainConfig(**TINY), tmp_path, dataset=tiny_data)
+    loaded = load_run(tmp_path)
+    x = tiny_data.test[:5]
+    assert torch.equal(trained.encoder(x), loaded.encoder(x))
+    assert loaded.image_shape == (28, 28)
+
+
+def test_iwae_objective_trains(tiny_data, tmp_path):
+    train(TrainConfig(**TINY, objective="iwae", samples=3), tmp_path, dataset=tiny_data)
+    metrics = _metrics(tmp_path)
+    assert metrics[-1]["best_valid_elbo"] > metrics[0]["valid_elbo"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"likelihood": "poisson"}, "likelihood"),
+        ({"family": "flow"}, "family"),
+        ({"objective": "vimco"}, "objective"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+    ],
+)
+def test_bad_config_values(tiny_data, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        train(TrainConfig(**{**TINY, **change}), tmp_path, dataset=tiny_data)
+
+
+def test_gaussian_likelihood_refuses_nothing_bernoulli_refuses_grey(tmp_path):
+    grey = Dataset("grey", torch.rand(50, 4), torch.rand(10, 4), torch.rand(10, 4), "none", None)
+    config = TrainConfig(latent_dim=2, hidden=(8,), epochs=1, progress=False)
+    from amortized.data import DataError
+
+    with pytest.raises(DataError, match="binary"):
+        train(config, tmp_path / "b", dataset=grey)
+    train(TrainConfig(**{**TINY, "likelihood": "gaussian", "epochs": 1}), tmp_path / "g", dataset=grey)
+
+
+def test_config_toml_round_trip_and_errors(tmp_path):
+    config = TrainConfig(latent_dim=7, hidden=(30, 20), lr=0.5)
+    save_config(config, tmp_path / "c.toml")
+    assert load_config(TrainConfig, tmp_path / "c.toml") == config
+    (tmp_path / "bad.toml").write_text("latent_dimm = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting latent_dimm"):
+        load_config(TrainConfig, tmp_path / "bad.toml")
+    (tmp_path / "bad2.toml").write_text('latent_dim = "three"\n')
+    with pytest.raises(ConfigError, match="latent_dim: expected int"):
+        load_config(TrainConfig, tmp_path / "bad2.toml")
+    (tmp_path / "bad3.toml").write_text("latent_dim = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(TrainConfig, tmp_path / "bad3.toml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "missing.toml")
