@@ -210,7 +210,9 @@ def test_gaussian_likelihood_refuses_nothing_bernoulli_refuses_grey(tmp_path):
 
     with pytest.raises(DataError, match="binary"):
         train(config, tmp_path / "b", dataset=grey)
-    train(TrainConfig(**{**TINY, "likelihood": "gaussian", "epochs": 1}), tmp_path / "g", dataset=grey)
+    train(
+        TrainConfig(**{**TINY, "likelihood": "gaussian", "epochs": 1}), tmp_path / "g", dataset=grey
+    )
 
 
 def test_config_toml_round_trip_and_errors(tmp_path):

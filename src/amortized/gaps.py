@@ -247,4 +247,3 @@ def gap_report(
         local_fit=fit_stats,
         per_datapoint={k: v.detach().cpu().numpy() for k, v in per.items()},
     )
-

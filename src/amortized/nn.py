@@ -29,7 +29,7 @@ def mlp(
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
     sizes = [in_features, *hidden]
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
     layers.append(nn.Linear(sizes[-1], out_features))
     return nn.Sequential(*layers)

@@ -80,14 +80,10 @@ def plot_gap_histograms(amortization: dict[str, np.ndarray], path: str | Path) -
     return _save(fig, path)
 
 
-def plot_images(
-    rows: dict[str, np.ndarray], image_shape: Sequence[int], path: str | Path
-) -> Path:
+def plot_images(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: str | Path) -> Path:
     """A grid of images, one labelled row per entry of ``rows`` (each ``(n, prod(shape))``)."""
     n = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(
-        len(rows), n, figsize=(0.8 * n, 0.9 * len(rows)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.8 * n, 0.9 * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         for c in range(n):
             ax = axes[r, c]

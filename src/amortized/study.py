@@ -226,8 +226,8 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         "",
         f"{m['platform']}, {m['processor']}, torch {m['torch']}, {m['threads']} threads, "
         f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}. "
-        f"Study wall time {results['seconds']:.0f} s (training {results['training']['seconds']:.0f} s).",
+        f"Study wall time {results['seconds']:.0f} s "
+        f"(training {results['training']['seconds']:.0f} s).",
         "",
     ]
     return "\n".join(lines)
-

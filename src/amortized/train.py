@@ -300,7 +300,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
     if not path.exists():
         hint = " (training has not finished: resume it with `amortized train`)"
         raise CheckpointError(
-            f"no trained model in {run_dir}" + (hint if (run_dir / "checkpoint.pt").exists() else "")
+            f"no trained model in {run_dir}"
+            + (hint if (run_dir / "checkpoint.pt").exists() else "")
         )
     state = load_checkpoint(path, map_location=device)
     config = from_dict(TrainConfig, state["config"])
