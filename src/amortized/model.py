@@ -85,7 +85,7 @@ class LatentVariableModel(nn.Module):
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x, z) = log p(z) + log p(x | z), shape ``z.shape[:-1]``."""
-        return self.prior.log_prob(z) + self.log_likelihood(x, z)
+        return self.log_likelihood(x, z) + self.prior.log_prob(z)  # checks z first
 
     @torch.no_grad()
     def sample(self, n: int, mean: bool = False) -> Tensor:
