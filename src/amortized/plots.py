@@ -18,9 +18,10 @@ import numpy as np  # noqa: E402
 __all__ = ["plot_gap_bars", "plot_training_curves", "plot_gap_histograms", "plot_images"]
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
     path = Path(path)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -83,12 +84,13 @@ def plot_gap_histograms(amortization: dict[str, np.ndarray], path: str | Path) -
 def plot_images(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: str | Path) -> Path:
     """A grid of images, one labelled row per entry of ``rows`` (each ``(n, prod(shape))``)."""
     n = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(len(rows), n, figsize=(0.8 * n, 0.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.0 * n, 1.25 * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         for c in range(n):
             ax = axes[r, c]
             ax.axis("off")
             if c < len(images):
                 ax.imshow(np.asarray(images[c]).reshape(image_shape), cmap="gray_r", vmin=0, vmax=1)
-        axes[r, 0].set_title(label, fontsize=8, loc="left")
-    return _save(fig, path)
+        axes[r, 0].set_title(label, fontsize=9, loc="left")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.35)
+    return _save(fig, path, tight=False)
