@@ -51,6 +51,8 @@ def _chunks(total: int, x: Tensor, chunk_size: int | None) -> list[int]:
     """Split ``total`` samples into chunks that keep ``chunk * x.numel()`` bounded."""
     if chunk_size is None:
         chunk_size = max(1, MAX_CHUNK_ELEMENTS // max(1, x.numel()))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     sizes = [chunk_size] * (total // chunk_size)
     if total % chunk_size:
         sizes.append(total % chunk_size)
@@ -87,7 +89,8 @@ def elbo(
     is known (``analytic_kl=True``), else estimated as E_q[log q(z) - log p(z)]. ``beta``
     below 1 is the warm-up of Bowman et al. (2016) and Sonderby et al. (2016).
 
-    With ``stderr=True`` also returns the Monte Carlo standard error of each estimate.
+    With ``stderr=True`` also returns the Monte Carlo standard error of each estimate
+    (NaN for a single sample, whose spread is unknown).
     """
     _check(model, family, lam, x)
     if samples < 1:
@@ -95,7 +98,9 @@ def elbo(
     q = family.distribution(lam)
     kl = kl_to_prior(q, model.prior) if analytic_kl else None
     total = lam.new_zeros(lam.shape[0])  # (batch,)
-    total_sq = lam.new_zeros(lam.shape[0])
+    # For the standard error: sums of (term - shift) and its square, with shift the first
+    # chunk's mean, so the variance does not cancel when |log p(x|z)| >> its spread.
+    shift, dev, dev_sq = None, lam.new_zeros(lam.shape[0]), lam.new_zeros(lam.shape[0])
     for size in _chunks(samples, x, chunk_size):
         z = q.rsample((size,))  # (size, batch, D)
         terms = model.log_likelihood(x, z)  # (size, batch)
@@ -103,14 +108,17 @@ def elbo(
             terms = terms + beta * (model.prior.log_prob(z) - q.log_prob(z))
         total = total + terms.sum(0)
         if stderr:
-            total_sq = total_sq + terms.detach().pow(2).sum(0)
+            t = terms.detach()
+            shift = t.mean(0) if shift is None else shift
+            dev, dev_sq = dev + (t - shift).sum(0), dev_sq + (t - shift).square().sum(0)
     value = total / samples
     if kl is not None:
         value = value - beta * kl
     if not stderr:
         return value
-    mean = total.detach() / samples
-    var = (total_sq / samples - mean.pow(2)).clamp_min(0) * samples / max(samples - 1, 1)
+    if samples == 1:  # one draw says nothing about its own spread
+        return value, torch.full_like(value, math.nan)
+    var = (dev_sq - dev.square() / samples).clamp_min(0) / (samples - 1)
     return value, (var / samples).sqrt()
 
 
@@ -133,7 +141,7 @@ def iwae_bound(
     grow with k. ``beta`` weights log p(z) - log q(z) inside each weight (warm-up).
 
     With ``stderr=True`` also returns a delta-method standard error of each estimate,
-    sqrt((mean(w^2) / mean(w)^2 - 1) / k).
+    sqrt((mean(w^2) / mean(w)^2 - 1) / k) (NaN for k = 1).
     """
     _check(model, family, lam, x)
     if k < 1:
@@ -153,5 +161,7 @@ def iwae_bound(
     if not stderr:
         return value
     # mean(w^2) / mean(w)^2 = exp(lse_sq - 2 lse + log k)
+    if k == 1:  # one draw says nothing about its own spread
+        return value, torch.full_like(value, math.nan)
     ratio = torch.exp(lse_sq - 2 * lse.detach() + math.log(k))
     return value, ((ratio - 1).clamp_min(0) / k).sqrt()

@@ -150,8 +150,8 @@ def gap_report(
     """
     if local_init not in ("encoder", "prior"):
         raise ValueError(f"local_init must be 'encoder' or 'prior', got {local_init!r}")
-    if iwae_k < 1 or elbo_samples < 2:
-        raise ValueError("iwae_k must be >= 1 and elbo_samples >= 2")
+    if iwae_k < 2 or elbo_samples < 2:
+        raise ValueError("iwae_k and elbo_samples must be >= 2 (standard errors need two draws)")
     local_kwargs = dict(local_kwargs or {})
     local_batch = local_kwargs.pop("batch_size", None) or x.shape[0]
     n = x.shape[0]
