@@ -5,6 +5,7 @@ Amortized inference computes lambda(x) with an encoder; classical VI optimises e
 lambda_i freely (:func:`fit_local`); the gap report measures what the difference costs.
 """
 
+from .ais import AISResult, ais, bdmc, reverse_ais
 from .decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
@@ -30,4 +31,8 @@ __all__ = [
     "LocalFit",
     "gap_report",
     "GapReport",
+    "ais",
+    "reverse_ais",
+    "bdmc",
+    "AISResult",
 ]
