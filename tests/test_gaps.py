@@ -140,6 +140,8 @@ def test_per_datapoint_arrays(setup):
         "elbo_local/fullcov_se",
         "log_px",
         "log_px_se",
+        "log_px_iwae",
+        "log_px_iwae_se",
     }
     for name, values in report.per_datapoint.items():
         assert isinstance(values, np.ndarray), name
@@ -157,6 +159,7 @@ def test_to_json_round_trips(setup, tmp_path):
         "encoder_family",
         "log_px",
         "log_px_method",
+        "log_px_estimates",
         "elbo_amortized",
         "elbo_local",
         "approximation_gap",
@@ -265,3 +268,21 @@ def test_bad_arguments_raise(setup):
         gap_report(lg.model, x, encoder, family, elbo_samples=1)
     with pytest.raises(ValueError, match="iwae_k"):
         gap_report(lg.model, x, encoder, family, iwae_k=0)
+
+
+def test_ais_estimate_is_shown_beside_iwae_and_both_match_exact(setup):
+    lg, x, encoder, _ = setup
+    torch.manual_seed(3)
+    report = gap_report(
+        lg.model, x, encoder, DiagonalGaussian(3), iwae_k=500, elbo_samples=200,
+        ais_steps=100, ais_chains=8,
+    )  # fmt: skip
+    exact = float(lg.log_px(x).mean())
+    assert set(report.log_px_estimates) == {"iwae", "ais"}
+    for estimate in report.log_px_estimates.values():
+        assert estimate.mean == pytest.approx(exact, abs=0.05)
+    best = max(report.log_px_estimates, key=lambda k: report.log_px_estimates[k].mean)
+    assert report.log_px.mean == report.log_px_estimates[best].mean
+    assert report.log_px_method.lower().startswith(best)
+    assert report.seconds_per_datapoint["ais"] > 0
+    assert "log p(x) by ais" in report.table()

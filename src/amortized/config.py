@@ -71,6 +71,10 @@ class GapConfig:
     """How to measure the inference gaps of a trained model."""
 
     iwae_k: int = field(default=5000, metadata=_help("IWAE samples for log p(x)"))
+    ais_steps: int = field(
+        default=0, metadata=_help("if > 0, also estimate log p(x) by AIS with this many steps")
+    )
+    ais_chains: int = field(default=16, metadata=_help("AIS chains per datapoint"))
     elbo_samples: int = field(default=1000, metadata=_help("samples per ELBO evaluation"))
     local_steps: int = field(default=2000, metadata=_help("max steps of per-datapoint VI"))
     local_lr: float = field(default=0.02, metadata=_help("Adam step size of per-datapoint VI"))

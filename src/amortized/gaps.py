@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .ais import ais
 from .estimators import elbo, iwae_bound
 from .families import VariationalFamily
 from .local import fit_local
@@ -57,6 +58,7 @@ class GapReport:
     encoder_family: str
     log_px: Quantity
     log_px_method: str
+    log_px_estimates: dict[str, Quantity]
     elbo_amortized: Quantity
     elbo_local: dict[str, Quantity]
     approximation_gap: dict[str, Quantity]
@@ -85,6 +87,11 @@ class GapReport:
         fam = self.encoder_family
         rows = [
             ("log p(x)", str(self.log_px), self.log_px_method),
+            *[
+                (f"log p(x) by {name}", str(q), "shown beside the estimate used")
+                for name, q in self.log_px_estimates.items()
+                if len(self.log_px_estimates) > 1
+            ],
             *[
                 (f"L[q*] ({name})", str(q), "per-datapoint optimisation")
                 for name, q in self.elbo_local.items()
@@ -123,6 +130,8 @@ def gap_report(
     *,
     families: Sequence[VariationalFamily] = (),
     iwae_k: int = 5000,
+    ais_steps: int = 0,
+    ais_chains: int = 16,
     elbo_samples: int = 1000,
     local_kwargs: dict[str, Any] | None = None,
     local_init: str = "encoder",
@@ -140,6 +149,9 @@ def gap_report(
         families: further families to optimise per datapoint (their L[q*] and
             approximation gaps are reported beside the encoder family's).
         iwae_k: samples of the IWAE estimate of log p(x), drawn from q* of ``family``.
+        ais_steps: if > 0, also estimate log p(x) by annealed importance sampling from q*
+            of ``family`` with this many steps and ``ais_chains`` chains; the report then
+            uses whichever of IWAE and AIS is tighter on average (both are lower bounds).
         elbo_samples: samples for each evaluation of L[q] and L[q*].
         local_kwargs: keyword arguments for :func:`amortized.fit_local`.
         local_init: start q* at the encoder's output ("encoder") or the prior ("prior").
@@ -209,6 +221,23 @@ def gap_report(
                 batch_size,
             )
             seconds["iwae"] = (time.perf_counter() - start) / n
+        estimates = {"iwae": f"IWAE, k={iwae_k}, proposal q* ({family.name})"}
+        per["log_px_iwae"], per["log_px_iwae_se"] = per["log_px"], per["log_px_se"]
+        if ais_steps > 0:
+            start = time.perf_counter()
+            runs = [
+                ais(model, x[s], family, lam_star[family.name][s].detach(), steps=ais_steps,
+                    chains=ais_chains)
+                for s in (slice(i, i + batch_size) for i in range(0, n, batch_size))
+            ]  # fmt: skip
+            seconds["ais"] = (time.perf_counter() - start) / n
+            per["log_px_ais"] = torch.cat([r.log_px for r in runs])
+            per["log_px_ais_se"] = torch.cat([r.stderr for r in runs])
+            estimates["ais"] = (
+                f"AIS, {ais_steps} steps x {ais_chains} chains, HMC, from q* ({family.name})"
+            )
+            if per["log_px_ais"].mean() > per["log_px_iwae"].mean():
+                per["log_px"], per["log_px_se"] = per["log_px_ais"], per["log_px_ais_se"]
     finally:
         model.train(was_training[0])
         encoder.train(was_training[1])
@@ -227,7 +256,10 @@ def gap_report(
         n=n,
         encoder_family=family.name,
         log_px=_quantity(log_px, log_px_se),
-        log_px_method=f"IWAE, k={iwae_k}, proposal q* ({family.name})",
+        log_px_method=estimates["ais" if per["log_px"] is per.get("log_px_ais") else "iwae"],
+        log_px_estimates={
+            name: _quantity(per[f"log_px_{name}"], per[f"log_px_{name}_se"]) for name in estimates
+        },
         elbo_amortized=_quantity(l_q, l_q_se),
         elbo_local={
             fam.name: _quantity(per[f"elbo_local/{fam.name}"], per[f"elbo_local/{fam.name}_se"])
@@ -239,6 +271,8 @@ def gap_report(
         seconds_per_datapoint=seconds,
         settings={
             "iwae_k": iwae_k,
+            "ais_steps": ais_steps,
+            "ais_chains": ais_chains,
             "elbo_samples": elbo_samples,
             "local_init": local_init,
             "local_kwargs": local_kwargs,

@@ -41,6 +41,8 @@ def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bo
         trained.family,
         families=[FAMILIES[name](latent_dim) for name in gap.families],
         iwae_k=gap.iwae_k,
+        ais_steps=gap.ais_steps,
+        ais_chains=gap.ais_chains,
         elbo_samples=gap.elbo_samples,
         local_kwargs={
             "steps": gap.local_steps,
@@ -162,6 +164,11 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
     rows = [
         row("datapoints", lambda r: r.n),
         row("log p(x)", lambda r: r.log_px),
+        *[
+            row(f"log p(x) by {name}", lambda r, n=name: r.log_px_estimates[n])
+            for name in test_r.log_px_estimates
+            if len(test_r.log_px_estimates) > 1
+        ],
         *[row(f"L[q*] {name}", lambda r, n=name: r.elbo_local[n]) for name in test_r.elbo_local],
         row("L[q] encoder", lambda r: r.elbo_amortized),
         row(f"approximation gap ({fam})", lambda r: r.approximation_gap[fam]),
