@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from amortized.families import FAMILIES, DiagonalGaussian, FullCovarianceGaussian
+from amortized.families import DiagonalGaussian, FullCovarianceGaussian
+from amortized.flows import PlanarFlow
+from amortized.registry import FAMILIES
 
 DTYPE = torch.float64
 
@@ -46,7 +48,11 @@ def test_num_params(cls, d, expected):
 
 
 def test_families_table_maps_names_to_classes():
-    assert FAMILIES == {"diagonal": DiagonalGaussian, "fullcov": FullCovarianceGaussian}
+    assert FAMILIES == {
+        "diagonal": DiagonalGaussian,
+        "fullcov": FullCovarianceGaussian,
+        "planar": PlanarFlow,
+    }
     for name, cls in FAMILIES.items():
         assert cls.name == name
 

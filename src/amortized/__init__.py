@@ -10,6 +10,7 @@ from .decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
+from .flows import PlanarFlow
 from .gaps import GapReport, gap_report
 from .local import LocalFit, fit_local
 from .model import LatentVariableModel
@@ -21,6 +22,7 @@ __all__ = [
     "VariationalFamily",
     "DiagonalGaussian",
     "FullCovarianceGaussian",
+    "PlanarFlow",
     "MLPEncoder",
     "BernoulliMLPDecoder",
     "GaussianMLPDecoder",

@@ -48,7 +48,7 @@ class TrainConfig:
         default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200")
     )
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
-    family: str = field(default="diagonal", metadata=_help("diagonal or fullcov"))
+    family: str = field(default="diagonal", metadata=_help("diagonal, fullcov or planar"))
     objective: str = field(default="elbo", metadata=_help("elbo or iwae"))
     samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)"))
     epochs: int = field(default=100, metadata=_help("maximum training epochs"))

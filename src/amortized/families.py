@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-__all__ = ["VariationalFamily", "DiagonalGaussian", "FullCovarianceGaussian", "FAMILIES"]
+__all__ = ["VariationalFamily", "DiagonalGaussian", "FullCovarianceGaussian"]
 
 
 class VariationalFamily(ABC):
@@ -154,10 +154,3 @@ class FullCovarianceGaussian(VariationalFamily):
         rows, cols = torch.tril_indices(d, d, offset=-1, device=loc.device)
         log_diag = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log()
         return torch.cat([loc, log_diag, scale_tril[..., rows, cols]], dim=-1)
-
-
-#: Name -> class table used by configs and the command line.
-FAMILIES: dict[str, type[VariationalFamily]] = {
-    DiagonalGaussian.name: DiagonalGaussian,
-    FullCovarianceGaussian.name: FullCovarianceGaussian,
-}

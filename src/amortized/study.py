@@ -19,9 +19,9 @@ import torch
 
 from .config import GapConfig, StudyConfig, to_dict
 from .data import load_dataset
-from .families import FAMILIES
 from .gaps import GapReport, gap_report
 from .plots import plot_gap_bars, plot_gap_histograms, plot_images, plot_training_curves
+from .registry import FAMILIES
 from .train import Trained, prepare_split, train
 
 __all__ = ["run_study", "measure_gaps"]

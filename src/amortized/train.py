@@ -34,8 +34,9 @@ from .data import Dataset, binarize, check_data, fixed_binarization, load_datase
 from .decoders import DECODERS
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound
-from .families import FAMILIES, VariationalFamily
+from .families import VariationalFamily
 from .model import LatentVariableModel
+from .registry import FAMILIES
 
 __all__ = ["Trained", "build", "train", "load_run", "prepare_split", "evaluate_elbo"]
 
