@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -143,8 +144,11 @@ def _truncate_metrics(path: Path, epochs: int) -> None:
     """Keep the first ``epochs`` lines: a run killed after logging resumes without duplicates."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)[:epochs]
-    path.write_text("".join(lines))
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > epochs:  # rewrite atomically: a kill here must not lose earlier lines
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(lines[:epochs]))
+        os.replace(tmp, path)
 
 
 def train(
