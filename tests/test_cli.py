@@ -75,3 +75,18 @@ def test_bad_values_give_one_line_errors(argv, message, tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1
+
+
+def test_download_offline_says_where_to_put_the_files(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["download", "binarized-mnist", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "offline" in err and str(tmp_path) in err and "binarized_mnist_train.amat" in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
