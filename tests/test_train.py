@@ -230,3 +230,14 @@ def test_config_toml_round_trip_and_errors(tmp_path):
         load_config(TrainConfig, tmp_path / "bad3.toml")
     with pytest.raises(ConfigError, match="not found"):
         load_config(TrainConfig, tmp_path / "missing.toml")
+
+
+def test_evaluation_subset_is_a_fixed_spread_out_sample():
+    from amortized.train import evaluation_subset
+
+    x = torch.arange(1000.0)[:, None]  # rows sorted, like binarized MNIST's test split
+    a, b = evaluation_subset(x, 100), evaluation_subset(x, 100)
+    assert torch.equal(a, b) and a.shape == (100, 1)
+    assert (a[1:, 0] > a[:-1, 0]).all()  # distinct rows, in data order
+    assert float(a.max()) > 900 and float(a.min()) < 100  # not the first 100
+    assert evaluation_subset(x, 0) is x and evaluation_subset(x, 5000) is x

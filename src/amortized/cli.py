@@ -138,15 +138,14 @@ def _train(args: argparse.Namespace) -> None:
 def _gap(args: argparse.Namespace) -> None:
     from .data import load_dataset
     from .study import measure_gaps
-    from .train import load_run, prepare_split
+    from .train import evaluation_subset, load_run, prepare_split
 
     config = load_config(GapConfig, args.config) if args.config else GapConfig()
     config = _apply(config, args)
     trained = load_run(args.run_dir, device=args.device)
     dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
     x = prepare_split(dataset, config.split, trained.config.likelihood)
-    if config.max_points:
-        x = x[: config.max_points]
+    x = evaluation_subset(x, config.max_points)
     report = measure_gaps(trained, x.to(args.device), config, args.progress)
     output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
     report.to_json(output)

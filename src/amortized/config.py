@@ -84,7 +84,9 @@ class GapConfig:
         default=(), metadata=_help("extra families optimised per datapoint, e.g. fullcov")
     )
     split: str = field(default="test", metadata=_help("train, valid or test"))
-    max_points: int = field(default=0, metadata=_help("evaluate the first N points (0: all)"))
+    max_points: int = field(
+        default=0, metadata=_help("evaluate a fixed random subset of N points (0: all)")
+    )
     eval_batch_size: int = field(default=500, metadata=_help("datapoints evaluated together"))
     eval_seed: int = field(default=0, metadata=_help("random seed of the estimates"))
 

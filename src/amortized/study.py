@@ -22,7 +22,7 @@ from .data import load_dataset
 from .gaps import GapReport, gap_report
 from .plots import plot_gap_bars, plot_gap_histograms, plot_images, plot_training_curves
 from .registry import FAMILIES
-from .train import Trained, prepare_split, train
+from .train import Trained, evaluation_subset, prepare_split, train
 
 __all__ = ["run_study", "measure_gaps"]
 
@@ -68,9 +68,8 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
 
     reports: dict[str, GapReport] = {}
     test_x = prepare_split(dataset, "test", likelihood)
-    if config.gap.max_points:
-        test_x = test_x[: config.gap.max_points]
-    train_x = prepare_split(dataset, "train", likelihood)[: config.train_subset]
+    test_x = evaluation_subset(test_x, config.gap.max_points)
+    train_x = evaluation_subset(prepare_split(dataset, "train", likelihood), config.train_subset)
     for split, x in (("train", train_x), ("test", test_x)):
         reports[split] = measure_gaps(trained, x.to(device), config.gap, config.train.progress)
         reports[split].to_json(run_dir / f"gaps_{split}.json")

@@ -39,7 +39,15 @@ from .families import VariationalFamily
 from .model import LatentVariableModel
 from .registry import FAMILIES
 
-__all__ = ["Trained", "build", "train", "load_run", "prepare_split", "evaluate_elbo"]
+__all__ = [
+    "Trained",
+    "build",
+    "train",
+    "load_run",
+    "prepare_split",
+    "evaluation_subset",
+    "evaluate_elbo",
+]
 
 CHECKPOINT_FORMAT = "amortized-train-v1"
 OBJECTIVES = ("elbo", "iwae")
@@ -101,6 +109,19 @@ def prepare_split(dataset: Dataset, split: str, likelihood: str, seed: int = 0) 
         offset = {"train": 0, "valid": 1, "test": 2}[split]
         x = fixed_binarization(x, seed=1000 * seed + offset)
     return check_data(x, likelihood=likelihood, name=f"{dataset.name}/{split}")
+
+
+def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
+    """A fixed random subset of n rows (all rows if n is 0 or >= len(x)), in data order.
+
+    Not the first n rows: splits can be sorted (binarized MNIST's test split is ordered
+    by digit), and the first rows would then be a biased sample.
+    """
+    if n <= 0 or n >= x.shape[0]:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(x.shape[0], generator=g)[:n].sort().values
+    return x[rows]
 
 
 def bound(
