@@ -90,3 +90,12 @@ def test_download_offline_says_where_to_put_the_files(tmp_path, capsys, monkeypa
     assert len(err.splitlines()) == 1
     assert "offline" in err and str(tmp_path) in err and "binarized_mnist_train.amat" in err
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_study_of_an_untrained_model(tiny_npz, tmp_path):
+    run = tmp_path / "run0"
+    argv = ["study", "--dataset", str(tiny_npz), "--run-dir", str(run), "--train-subset", "10"]
+    assert main([*argv, "--latent-dim", "2", "--hidden", "16", "--epochs", "0", "--no-progress",
+                 "--iwae-k", "5", "--elbo-samples", "4", "--local-steps", "5",
+                 "--max-points", "10"]) == 0  # fmt: skip
+    assert "0 epochs." in (run / "report.md").read_text()

@@ -74,7 +74,9 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
         reports[split] = measure_gaps(trained, x.to(device), config.gap, config.train.progress)
         reports[split].to_json(run_dir / f"gaps_{split}.json")
 
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics_path = run_dir / "metrics.jsonl"  # absent when no epoch ran (--epochs 0)
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    metrics = [json.loads(line) for line in lines]
     figures = _figures(trained, reports, metrics, test_x, run_dir)
     results = {
         "config": to_dict(config),
@@ -139,6 +141,10 @@ def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]
     return figures
 
 
+def _was_trained(results: dict[str, Any]) -> bool:
+    return results["training"]["best_valid_elbo"] is not None
+
+
 def _machine(device: torch.device) -> dict[str, Any]:
     info = {
         "platform": platform.platform(),
@@ -192,8 +198,12 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         f"Model: {tc.likelihood} decoder, z in R^{tc.latent_dim}, MLP {list(tc.hidden)} "
         f"({tc.activation}), {tc.family} Gaussian encoder, trained on the {tc.objective.upper()}"
         f"{f'-{tc.samples}' if tc.objective == 'iwae' else ''} for "
-        f"{results['training']['epochs']} epochs (best validation ELBO "
-        f"{results['training']['best_valid_elbo']:.2f}).",
+        f"{results['training']['epochs']} epochs"
+        + (
+            f" (best validation ELBO {results['training']['best_valid_elbo']:.2f})."
+            if _was_trained(results)
+            else "."
+        ),
         f"Data: {results['dataset']['train']} train / {results['dataset']['valid']} valid / "
         f"{results['dataset']['test']} test, binarization: {results['dataset']['binarization']}.",
         "",
