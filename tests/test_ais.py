@@ -86,6 +86,8 @@ def test_bad_arguments():
     family = DiagonalGaussian(3)
     with pytest.raises(ValueError, match="both family and lam"):
         ais(lg.model, x, family, None)
+    with pytest.raises(ValueError, match="both family and lam"):
+        reverse_ais(lg.model, x, torch.zeros(2, 3, 3), family, None)
     with pytest.raises(ValueError, match="chains"):
         ais(lg.model, x, chains=0)
     with pytest.raises(ValueError, match=r"z must be \(chains, 3, latent_dim\)"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .estimators import log_mean_weight
 from .families import VariationalFamily
 from .model import LatentVariableModel
 
@@ -131,14 +132,16 @@ def _anneal(
         accepted = accepted + rate
         # Step sizes chase the target acceptance (as in Wu et al. 2017's evaluation code).
         eps = torch.where(rate > target_accept, eps * adapt, eps / adapt)
-    lse = torch.logsumexp(log_w, 0)
-    log_px = lse - math.log(chains)
-    ratio = torch.exp(torch.logsumexp(2 * log_w, 0) - 2 * lse + math.log(chains))
-    stderr = ((ratio - 1).clamp_min(0) / chains).sqrt() if chains > 1 else log_px * math.nan
+    log_px, stderr = log_mean_weight(
+        torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), chains
+    )
     return AISResult(log_px, stderr, log_w, accepted / (len(betas) - 1), eps)
 
 
 def _start(model, family, lam, batch):
+    """The normalized start of the path: q(z; lam), or the prior when both are None."""
+    if (family is None) != (lam is None):
+        raise ValueError("give both family and lam, or neither (start at the prior)")
     if family is None:
         return model.prior.expand((batch,)) if model.prior.batch_shape == () else model.prior
     return family.distribution(lam)
@@ -178,8 +181,6 @@ def ais(
         >>> ais(model, torch.randn(5, 3), steps=10, chains=4).log_px.shape
         torch.Size([5])
     """
-    if (family is None) != (lam is None):
-        raise ValueError("give both family and lam, or neither (start at the prior)")
     if chains < 1 or leapfrog < 1:
         raise ValueError("chains and leapfrog must be >= 1")
     batch = x.shape[0]

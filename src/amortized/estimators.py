@@ -23,7 +23,7 @@ from torch.distributions import (
 from .families import VariationalFamily
 from .model import LatentVariableModel
 
-__all__ = ["elbo", "iwae_bound", "kl_to_prior"]
+__all__ = ["elbo", "iwae_bound", "kl_to_prior", "log_mean_weight"]
 
 #: Upper bound on the number of floats one chunk of samples may occupy per data tensor.
 MAX_CHUNK_ELEMENTS = 2**24
@@ -122,6 +122,20 @@ def elbo(
     return value, (var / samples).sqrt()
 
 
+def log_mean_weight(lse: Tensor, lse_sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """log mean(w) and its delta-method standard error, from log sum w and log sum w^2.
+
+    The standard error of an importance-sampling estimate of log p(x) from k weights is
+    sqrt((mean(w^2) / mean(w)^2 - 1) / k) to first order (NaN for k = 1, whose spread is
+    unknown). Shared by IWAE and AIS, which differ only in how the weights are made.
+    """
+    value = lse - math.log(k)
+    if k == 1:
+        return value, torch.full_like(value, math.nan)
+    ratio = torch.exp(lse_sq - 2 * lse.detach() + math.log(k))  # mean(w^2) / mean(w)^2
+    return value, ((ratio - 1).clamp_min(0) / k).sqrt()
+
+
 def iwae_bound(
     model: LatentVariableModel,
     family: VariationalFamily,
@@ -157,11 +171,6 @@ def iwae_bound(
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
         if stderr:
             lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w.detach(), dim=0))
-    value = lse - math.log(k)
     if not stderr:
-        return value
-    # mean(w^2) / mean(w)^2 = exp(lse_sq - 2 lse + log k)
-    if k == 1:  # one draw says nothing about its own spread
-        return value, torch.full_like(value, math.nan)
-    ratio = torch.exp(lse_sq - 2 * lse.detach() + math.log(k))
-    return value, ((ratio - 1).clamp_min(0) / k).sqrt()
+        return lse - math.log(k)
+    return log_mean_weight(lse, lse_sq, k)

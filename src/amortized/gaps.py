@@ -222,21 +222,23 @@ def gap_report(
             )
             seconds["iwae"] = (time.perf_counter() - start) / n
         estimates = {"iwae": f"IWAE, k={iwae_k}, proposal q* ({family.name})"}
+        chosen = "iwae"
         per["log_px_iwae"], per["log_px_iwae_se"] = per["log_px"], per["log_px_se"]
         if ais_steps > 0:
+
+            def run_ais(s: slice) -> tuple[Tensor, Tensor]:
+                lam = lam_star[family.name][s].detach()
+                result = ais(model, x[s], family, lam, steps=ais_steps, chains=ais_chains)
+                return result.log_px, result.stderr
+
             start = time.perf_counter()
-            runs = [
-                ais(model, x[s], family, lam_star[family.name][s].detach(), steps=ais_steps,
-                    chains=ais_chains)
-                for s in (slice(i, i + batch_size) for i in range(0, n, batch_size))
-            ]  # fmt: skip
+            per["log_px_ais"], per["log_px_ais_se"] = _in_batches(run_ais, n, batch_size)
             seconds["ais"] = (time.perf_counter() - start) / n
-            per["log_px_ais"] = torch.cat([r.log_px for r in runs])
-            per["log_px_ais_se"] = torch.cat([r.stderr for r in runs])
             estimates["ais"] = (
                 f"AIS, {ais_steps} steps x {ais_chains} chains, HMC, from q* ({family.name})"
             )
             if per["log_px_ais"].mean() > per["log_px_iwae"].mean():
+                chosen = "ais"
                 per["log_px"], per["log_px_se"] = per["log_px_ais"], per["log_px_ais_se"]
     finally:
         model.train(was_training[0])
@@ -256,7 +258,7 @@ def gap_report(
         n=n,
         encoder_family=family.name,
         log_px=_quantity(log_px, log_px_se),
-        log_px_method=estimates["ais" if per["log_px"] is per.get("log_px_ais") else "iwae"],
+        log_px_method=estimates[chosen],
         log_px_estimates={
             name: _quantity(per[f"log_px_{name}"], per[f"log_px_{name}_se"]) for name in estimates
         },
