@@ -10,7 +10,7 @@ import torch
 from torch.distributions import MultivariateNormal, Normal
 
 from amortized.families import DiagonalGaussian, FullCovarianceGaussian
-from amortized.flows import PlanarFlow
+from amortized.flows import InverseAutoregressiveFlow, PlanarFlow
 from amortized.registry import FAMILIES
 
 DTYPE = torch.float64
@@ -52,6 +52,7 @@ def test_families_table_maps_names_to_classes():
         "diagonal": DiagonalGaussian,
         "fullcov": FullCovarianceGaussian,
         "planar": PlanarFlow,
+        "iaf": InverseAutoregressiveFlow,
     }
     for name, cls in FAMILIES.items():
         assert cls.name == name

@@ -10,7 +10,7 @@ from .decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
-from .flows import PlanarFlow
+from .flows import InverseAutoregressiveFlow, PlanarFlow
 from .gaps import GapReport, gap_report
 from .local import LocalFit, fit_local
 from .model import LatentVariableModel
@@ -23,6 +23,7 @@ __all__ = [
     "DiagonalGaussian",
     "FullCovarianceGaussian",
     "PlanarFlow",
+    "InverseAutoregressiveFlow",
     "MLPEncoder",
     "BernoulliMLPDecoder",
     "GaussianMLPDecoder",

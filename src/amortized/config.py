@@ -48,12 +48,18 @@ class TrainConfig:
         default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200")
     )
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
-    family: str = field(default="diagonal", metadata=_help("diagonal, fullcov or planar"))
+    family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
     objective: str = field(default="elbo", metadata=_help("elbo or iwae"))
     samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)"))
     epochs: int = field(default=100, metadata=_help("maximum training epochs"))
     batch_size: int = field(default=100, metadata=_help("minibatch size"))
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=_help(
+            "constant, or burda: stage i of 3^i epochs at lr * 10^(-i/7) (Burda et al. 2016)"
+        ),
+    )
     warmup_epochs: float = field(
         default=10.0, metadata=_help("epochs over which the KL weight rises from 0 to 1")
     )

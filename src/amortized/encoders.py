@@ -1,7 +1,8 @@
 """Amortized inference networks: x -> lambda(x), the parameters of q(z; lambda).
 
 An encoder is any ``nn.Module`` that maps a batch of data ``(batch, *data_shape)`` to a
-parameter tensor ``(batch, family.num_params)``. It computes for every x what
+parameter tensor ``(batch, family.num_params)``; its last layer is the family's
+:meth:`~amortized.VariationalFamily.amortized_head`. It computes for every x what
 :func:`amortized.fit_local` would otherwise find by optimisation, in one forward pass.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .families import VariationalFamily
-from .nn import mlp
+from .nn import ACTIVATIONS, mlp
 
 __all__ = ["MLPEncoder"]
 
@@ -39,7 +40,12 @@ class MLPEncoder(nn.Module):
         super().__init__()
         self.data_dim = data_dim
         self.num_params = family.num_params
-        self.net = mlp(data_dim, hidden, family.num_params, activation)
+        hidden = tuple(hidden)
+        body: list[nn.Module] = []
+        if hidden:  # the layers of mlp(data_dim, hidden, ...) up to its output layer
+            body = [*mlp(data_dim, hidden[:-1], hidden[-1], activation), ACTIVATIONS[activation]()]
+        head_in = hidden[-1] if hidden else data_dim
+        self.net = nn.Sequential(*body, family.amortized_head(head_in))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(x.shape[0], -1)  # (batch, data_dim)

@@ -11,7 +11,9 @@ parameters are plain, unconstrained real numbers, so the same ``lam`` can be
 * or started at ``encoder(x)`` and improved (semi-amortized and iterative inference).
 
 Families hold no learnable state of their own: everything that varies across
-datapoints lives in ``lam``.
+datapoints lives in ``lam``. A family may still let an encoder share some entries of
+``lam`` across datapoints (:meth:`VariationalFamily.amortized_head`), as an inverse
+autoregressive flow shares its network weights; per datapoint, those entries are free too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 __all__ = ["VariationalFamily", "DiagonalGaussian", "FullCovarianceGaussian"]
@@ -64,6 +66,34 @@ class VariationalFamily(ABC):
         """E_q[z], shape ``(batch, latent_dim)``."""
         return self.distribution(lam).mean
 
+    def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        """Parameters of the member of this family nearest N(loc, diag(exp(log_scale))^2).
+
+        Every family here contains the diagonal Gaussians, so this is exact; it warm-starts
+        one family's optimisation from another's result. ``loc`` and ``log_scale`` are
+        ``(batch, latent_dim)``.
+        """
+        raise NotImplementedError(f"{self.name} cannot start from a Gaussian")
+
+    def gaussian_moments(self, lam: Tensor, samples: int = 256) -> tuple[Tensor, Tensor]:
+        """Mean and log standard deviation of every coordinate of q(z; lam), by sampling.
+
+        Returns two ``(batch, latent_dim)`` tensors; with :meth:`from_gaussian` of another
+        family this moment-matches q into that family.
+        """
+        with torch.no_grad():
+            z = self.distribution(lam).sample((samples,))  # (samples, batch, D)
+            return z.mean(0), z.std(0).clamp_min(1e-6).log()
+
+    def amortized_head(self, in_features: int) -> nn.Module:
+        """An encoder's last layer: features ``(batch, in_features)`` -> ``lam``.
+
+        By default a linear map to every entry of ``lam``. A family whose ``lam`` holds
+        weights (a flow's networks) overrides this to share those weights across
+        datapoints and compute only a per-datapoint part from the features.
+        """
+        return nn.Linear(in_features, self.num_params)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(latent_dim={self.latent_dim})"
 
@@ -97,6 +127,13 @@ class DiagonalGaussian(VariationalFamily):
 
     def mean(self, lam: Tensor) -> Tensor:
         return lam[..., : self.latent_dim]
+
+    def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return torch.cat([loc, log_scale], dim=-1)
+
+    def gaussian_moments(self, lam: Tensor, samples: int = 256) -> tuple[Tensor, Tensor]:
+        loc, log_scale = lam.split(self.latent_dim, dim=-1)
+        return loc, log_scale
 
 
 class FullCovarianceGaussian(VariationalFamily):
@@ -146,6 +183,10 @@ class FullCovarianceGaussian(VariationalFamily):
 
     def mean(self, lam: Tensor) -> Tensor:
         return lam[..., : self.latent_dim]
+
+    def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        off = loc.new_zeros(*loc.shape[:-1], self.num_params - 2 * self.latent_dim)
+        return torch.cat([loc, log_scale, off], dim=-1)
 
     @staticmethod
     def params_from(loc: Tensor, scale_tril: Tensor) -> Tensor:

@@ -14,12 +14,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+import zuko
+from torch import Tensor, nn
 from torch.distributions import Independent, Normal, Transform, TransformedDistribution, constraints
 
 from .families import VariationalFamily
 
-__all__ = ["PlanarTransform", "PlanarFlow"]
+__all__ = ["PlanarTransform", "PlanarFlow", "InverseAutoregressiveFlow", "IAFHead", "made_masks"]
 
 #: softplus(a) = 1 at a = log(e - 1): the planar map with u = LOG_E_MINUS_1 * w / |w|^2 is
 #: the identity, which gives the flow its prior initialisation.
@@ -135,5 +136,212 @@ class PlanarFlow(VariationalFamily):
             z = t(z)
         return z
 
+    def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        flows = self.prior_init(1, loc.device, loc.dtype)[0, 2 * self.latent_dim :]
+        return torch.cat([loc, log_scale, flows.expand(*loc.shape[:-1], -1)], dim=-1)
+
     def __repr__(self) -> str:
         return f"PlanarFlow(latent_dim={self.latent_dim}, layers={self.layers})"
+
+
+def made_masks(latent_dim: int, hidden: int, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    r"""Masks of a one-hidden-layer MADE (Germain et al. 2015) with outputs (shift, scale).
+
+    Input i has degree d_i (1..D, or D..1 with ``reverse``); hidden unit h has degree
+    m_h in 1..D-1, cycling. ``M1[h, i] = m_h >= d_i`` and ``M2[o, h] = d_o > m_h`` for
+    both the shift and the scale output of coordinate o, so output o depends only on
+    the inputs of lower degree: the Jacobian of the flow is triangular.
+
+    Returns ``M1`` ``(hidden, D)`` and ``M2`` ``(2D, hidden)`` as float tensors.
+
+    Example:
+        >>> m1, m2 = made_masks(3, 4)
+        >>> (m2 @ m1)[:3]  # paths from input i to shift output o: only i < o
+        tensor([[0., 0., 0.],
+                [2., 0., 0.],
+                [4., 2., 0.]])
+    """
+    degrees = torch.arange(1, latent_dim + 1)
+    if reverse:
+        degrees = degrees.flip(0)
+    hidden_degrees = torch.arange(hidden) % max(latent_dim - 1, 1) + 1
+    m1 = (hidden_degrees[:, None] >= degrees[None, :]).float()
+    m2 = (degrees[:, None] > hidden_degrees[None, :]).float().repeat(2, 1)
+    return m1, m2
+
+
+class _IAFLayout:
+    """Where each piece of one IAF layer sits in lam: W1 (H, D), b1 (H), W2 (2D, H), b2 (2D)."""
+
+    def __init__(self, latent_dim: int, hidden: int):
+        d, h = latent_dim, hidden
+        self.shapes = {"w1": (h, d), "b1": (h,), "w2": (2 * d, h), "b2": (2 * d,)}
+        self.sizes = {k: math.prod(v) for k, v in self.shapes.items()}
+        self.size = sum(self.sizes.values())
+
+    def unpack(self, p: Tensor) -> dict[str, Tensor]:
+        """Views of one layer's ``(*batch, size)`` slice of lam, shaped per datapoint."""
+        out, start = {}, 0
+        for k, shape in self.shapes.items():
+            out[k] = p[..., start : start + self.sizes[k]].unflatten(-1, shape)
+            start += self.sizes[k]
+        return out
+
+
+class InverseAutoregressiveFlow(VariationalFamily):
+    r"""q(z; lam): N(mu, diag(sigma^2)) followed by ``layers`` IAF steps, all per datapoint.
+
+    Each step (Kingma et al. 2016) maps eps to ``z = exp(a(eps)) * eps + b(eps)``, where
+    ``(b, a)`` come from a masked one-hidden-layer network (MADE) of eps with ``hidden``
+    tanh units, so ``b_i, a_i`` depend on ``eps_<i`` only and log|det J| = sum a. The
+    order of the coordinates is reversed from one step to the next. The bijection is
+    zuko's ``AutoregressiveTransform`` around its ``MonotonicAffineTransform`` (which
+    soft-clips a to (-6.9, 6.9)); sampling and the density of one's own samples take one
+    pass, the inverse at an arbitrary z takes D.
+
+    ``lam = [mu, log sigma, step_1, ..., step_K]`` and every step holds its network's
+    weights ``W1 (H, D), b1 (H), W2 (2D, H), b2 (2D)``: per datapoint, the whole flow is
+    free (as in Cremer et al.'s local flow optimisation). An encoder shares W1, W2 and
+    b2 across datapoints and outputs mu, log sigma and b1, which conditions each step on
+    x through its hidden layer (IAF's context h); see :meth:`amortized_head`.
+
+    References:
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al.,
+        2016) https://arxiv.org/abs/1606.04934; MADE (Germain et al., 2015)
+        https://arxiv.org/abs/1502.03509
+
+    Example:
+        >>> family = InverseAutoregressiveFlow(2, layers=2, hidden=3)
+        >>> family.num_params  # 2D + K (HD + H + 2DH + 2D)
+        54
+        >>> q = family.distribution(family.prior_init(4))
+        >>> q.rsample((5,)).shape
+        torch.Size([5, 4, 2])
+    """
+
+    name = "iaf"
+
+    def __init__(self, latent_dim: int, layers: int = 2, hidden: int | None = None):
+        super().__init__(latent_dim)
+        hidden = 2 * latent_dim if hidden is None else hidden
+        if layers < 1 or hidden < 1:
+            raise ValueError(f"layers and hidden must be >= 1, got {layers} and {hidden}")
+        self.layers, self.hidden = layers, hidden
+        self.layout = _IAFLayout(latent_dim, hidden)
+        self._masks = [made_masks(latent_dim, hidden, reverse=k % 2 == 1) for k in range(layers)]
+
+    @property
+    def num_params(self) -> int:
+        return 2 * self.latent_dim + self.layers * self.layout.size
+
+    def steps(self, lam: Tensor) -> list[dict[str, Tensor]]:
+        """Each step's weights, masked, as views of ``lam`` ``(*batch, ...)``."""
+        out = []
+        for k, (m1, m2) in enumerate(self._masks):
+            start = 2 * self.latent_dim + k * self.layout.size
+            p = self.layout.unpack(lam[..., start : start + self.layout.size])
+            p["w1"] = p["w1"] * m1.to(lam)
+            p["w2"] = p["w2"] * m2.to(lam)
+            out.append(p)
+        return out
+
+    def _conditioner(self, step: dict[str, Tensor]):
+        d = self.latent_dim
+
+        def meta(eps: Tensor) -> Transform:
+            # eps (*sample, *batch, D); weights (*batch, ...): one network per datapoint.
+            h = torch.tanh(torch.einsum("...d,...hd->...h", eps, step["w1"]) + step["b1"])
+            out = torch.einsum("...h,...oh->...o", h, step["w2"]) + step["b2"]
+            affine = zuko.transforms.MonotonicAffineTransform(out[..., :d], out[..., d:])
+            return zuko.transforms.DependentTransform(affine, 1)
+
+        return meta
+
+    def transforms(self, lam: Tensor) -> list[Transform]:
+        return [
+            zuko.transforms.AutoregressiveTransform(
+                self._conditioner(step), passes=self.latent_dim, cache_size=1
+            )
+            for step in self.steps(lam)
+        ]
+
+    def _distribution(self, lam: Tensor) -> TransformedDistribution:
+        d = self.latent_dim
+        base = Independent(Normal(lam[..., :d], lam[..., d : 2 * d].exp()), 1)
+        return TransformedDistribution(base, self.transforms(lam))
+
+    def _identity_steps(self, device=None, dtype=None) -> Tensor:
+        """One datapoint's flow weights making every step the identity: W2 = b2 = 0.
+
+        W1 is a fixed pseudo-random draw (the same for every datapoint), so the hidden
+        units differ and W2 receives gradient from the first step.
+        """
+        g = torch.Generator().manual_seed(0)
+        d, h = self.latent_dim, self.hidden
+        parts = []
+        for _ in range(self.layers):
+            w1 = torch.randn(h, d, generator=g) / math.sqrt(d)
+            parts += [w1.flatten(), torch.zeros(h + 2 * d * h + 2 * d)]
+        return torch.cat(parts).to(device=device, dtype=dtype)
+
+    def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        steps = self._identity_steps(loc.device, loc.dtype)
+        return torch.cat([loc, log_scale, steps.expand(*loc.shape[:-1], -1)], dim=-1)
+
+    def prior_init(self, batch: int, device=None, dtype=None) -> Tensor:
+        zeros = torch.zeros(batch, self.latent_dim, device=device, dtype=dtype)
+        return self.from_gaussian(zeros, zeros)
+
+    def mean(self, lam: Tensor) -> Tensor:
+        """E_q[z] has no closed form; the flow applied to the base mean is returned."""
+        z = lam[..., : self.latent_dim]
+        for t in self.transforms(lam):
+            z = t(z)
+        return z
+
+    def amortized_head(self, in_features: int) -> nn.Module:
+        return IAFHead(self, in_features)
+
+    def __repr__(self) -> str:
+        return (
+            f"InverseAutoregressiveFlow(latent_dim={self.latent_dim}, layers={self.layers}, "
+            f"hidden={self.hidden})"
+        )
+
+
+class IAFHead(nn.Module):
+    """An encoder's last layer for :class:`InverseAutoregressiveFlow`.
+
+    A linear map gives the per-datapoint part of lam, ``[mu, log sigma, b1_1, ..., b1_K]``
+    (b1_k, the bias of step k's hidden layer, carries the context from x); the steps'
+    W1, W2 and b2 are parameters shared by all datapoints. ``forward`` assembles the full
+    ``(batch, num_params)`` lam, so the encoder's output is an ordinary per-datapoint
+    parameter row that :func:`amortized.fit_local` can refine entry by entry.
+    """
+
+    def __init__(self, family: InverseAutoregressiveFlow, in_features: int):
+        super().__init__()
+        self.family = family
+        d, h, k = family.latent_dim, family.hidden, family.layers
+        self.local = nn.Linear(in_features, 2 * d + k * h)
+        shared = family._identity_steps().view(k, -1)
+        lay = family.layout
+        self.w1 = nn.Parameter(shared[:, : lay.sizes["w1"]].clone())
+        self.w2 = nn.Parameter(torch.zeros(k, lay.sizes["w2"]))
+        self.b2 = nn.Parameter(torch.zeros(k, lay.sizes["b2"]))
+
+    def forward(self, features: Tensor) -> Tensor:
+        fam = self.family
+        d, h = fam.latent_dim, fam.hidden
+        out = self.local(features)  # (batch, 2D + K H)
+        batch = out.shape[:-1]
+        parts = [out[..., : 2 * d]]
+        for k in range(fam.layers):
+            b1 = out[..., 2 * d + k * h : 2 * d + (k + 1) * h]
+            parts += [
+                self.w1[k].expand(*batch, -1),
+                b1,
+                self.w2[k].expand(*batch, -1),
+                self.b2[k].expand(*batch, -1),
+            ]
+        return torch.cat(parts, dim=-1)  # (batch, num_params)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
-from .flows import PlanarFlow
+from .flows import InverseAutoregressiveFlow, PlanarFlow
 
 __all__ = ["FAMILIES"]
 
@@ -12,4 +12,5 @@ FAMILIES: dict[str, type[VariationalFamily]] = {
     DiagonalGaussian.name: DiagonalGaussian,
     FullCovarianceGaussian.name: FullCovarianceGaussian,
     PlanarFlow.name: PlanarFlow,
+    InverseAutoregressiveFlow.name: InverseAutoregressiveFlow,
 }

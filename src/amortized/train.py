@@ -77,6 +77,7 @@ def validate(config: TrainConfig) -> None:
         (config.epochs >= 0, "epochs must be >= 0"),
         (config.batch_size >= 1, "batch_size must be >= 1"),
         (config.lr > 0 and math.isfinite(config.lr), "lr must be a positive number"),
+        (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
         (config.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
         (config.patience >= 1, "patience must be >= 1"),
         (config.valid_samples >= 1, "valid_samples must be >= 1"),
@@ -84,6 +85,29 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+LR_SCHEDULES = ("constant", "burda")
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of (0-based) ``epoch`` under ``config.lr_schedule``.
+
+    ``burda`` is the schedule of Burda, Grosse & Salakhutdinov (2016): stage i lasts 3^i
+    epochs at ``lr * 10^(-i/7)``; stages 0..7 make their 3280 epochs.
+
+    Example:
+        >>> c = TrainConfig(lr_schedule="burda")
+        >>> [round(learning_rate(c, e) / c.lr, 3) for e in (0, 1, 3, 4, 12, 13)]
+        [1.0, 0.72, 0.72, 0.518, 0.518, 0.373]
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    stage, end = 0, 1
+    while epoch >= end:
+        stage += 1
+        end += 3**stage
+    return config.lr * 10 ** (-stage / 7)
 
 
 def build(
@@ -234,6 +258,8 @@ def train(
     )
     while epoch < config.epochs and bad_epochs < config.patience:
         start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch)
         model.train()
         encoder.train()
         total_loss, skipped = 0.0, 0
@@ -266,6 +292,7 @@ def train(
             "epoch": epoch,
             "step": step,
             "beta": beta,
+            "lr": optimizer.param_groups[0]["lr"],
             "train_loss": total_loss / n,
             "valid_elbo": valid,
             "best_valid_elbo": best,
