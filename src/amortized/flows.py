@@ -170,6 +170,28 @@ def made_masks(latent_dim: int, hidden: int, reverse: bool = False) -> tuple[Ten
     return m1, m2
 
 
+class _AutoregressiveStep(zuko.transforms.AutoregressiveTransform):
+    """zuko's autoregressive transform, remembering log|det J| of its latest forward call.
+
+    Sampling computes the conditioner once for both the output and its log-determinant,
+    where ``log_abs_det_jacobian`` would otherwise run it again.
+    """
+
+    def __init__(self, meta, passes: int):
+        super().__init__(meta, passes, cache_size=1)
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _call(self, x: Tensor) -> Tensor:
+        y, ladj = self.meta(x).call_and_ladj(x)
+        self._last = (x, y, ladj)
+        return y
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        if self._last is not None and x is self._last[0] and y is self._last[1]:
+            return self._last[2]
+        return super().log_abs_det_jacobian(x, y)
+
+
 class _IAFLayout:
     """Where each piece of one IAF layer sits in lam: W1 (H, D), b1 (H), W2 (2D, H), b2 (2D)."""
 
@@ -179,13 +201,6 @@ class _IAFLayout:
         self.sizes = {k: math.prod(v) for k, v in self.shapes.items()}
         self.size = sum(self.sizes.values())
 
-    def unpack(self, p: Tensor) -> dict[str, Tensor]:
-        """Views of one layer's ``(*batch, size)`` slice of lam, shaped per datapoint."""
-        out, start = {}, 0
-        for k, shape in self.shapes.items():
-            out[k] = p[..., start : start + self.sizes[k]].unflatten(-1, shape)
-            start += self.sizes[k]
-        return out
 
 
 class InverseAutoregressiveFlow(VariationalFamily):
@@ -234,16 +249,22 @@ class InverseAutoregressiveFlow(VariationalFamily):
     def num_params(self) -> int:
         return 2 * self.latent_dim + self.layers * self.layout.size
 
-    def steps(self, lam: Tensor) -> list[dict[str, Tensor]]:
-        """Each step's weights, masked, as views of ``lam`` ``(*batch, ...)``."""
-        out = []
+    def split(self, lam: Tensor) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
+        """``mu``, ``log sigma`` and each step's masked weights, shaped ``(*batch, ...)``.
+
+        One ``split`` call cuts all pieces, so the backward pass assembles lam's gradient
+        once instead of once per piece.
+        """
+        lay, d = self.layout, self.latent_dim
+        pieces = lam.split([d, d, *list(lay.sizes.values()) * self.layers], dim=-1)
+        steps = []
         for k, (m1, m2) in enumerate(self._masks):
-            start = 2 * self.latent_dim + k * self.layout.size
-            p = self.layout.unpack(lam[..., start : start + self.layout.size])
+            p = dict(zip(lay.shapes, pieces[2 + 4 * k : 6 + 4 * k], strict=True))
+            p = {key: v.unflatten(-1, lay.shapes[key]) for key, v in p.items()}
             p["w1"] = p["w1"] * m1.to(lam)
             p["w2"] = p["w2"] * m2.to(lam)
-            out.append(p)
-        return out
+            steps.append(p)
+        return pieces[0], pieces[1], steps
 
     def _conditioner(self, step: dict[str, Tensor]):
         d = self.latent_dim
@@ -258,17 +279,15 @@ class InverseAutoregressiveFlow(VariationalFamily):
         return meta
 
     def transforms(self, lam: Tensor) -> list[Transform]:
-        return [
-            zuko.transforms.AutoregressiveTransform(
-                self._conditioner(step), passes=self.latent_dim, cache_size=1
-            )
-            for step in self.steps(lam)
-        ]
+        return self._transforms(self.split(lam)[2])
+
+    def _transforms(self, steps: list[dict[str, Tensor]]) -> list[Transform]:
+        return [_AutoregressiveStep(self._conditioner(s), self.latent_dim) for s in steps]
 
     def _distribution(self, lam: Tensor) -> TransformedDistribution:
-        d = self.latent_dim
-        base = Independent(Normal(lam[..., :d], lam[..., d : 2 * d].exp()), 1)
-        return TransformedDistribution(base, self.transforms(lam))
+        loc, log_scale, steps = self.split(lam)
+        base = Independent(Normal(loc, log_scale.exp()), 1)
+        return TransformedDistribution(base, self._transforms(steps))
 
     def _identity_steps(self, device=None, dtype=None) -> Tensor:
         """One datapoint's flow weights making every step the identity: W2 = b2 = 0.
