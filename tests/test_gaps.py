@@ -236,6 +236,7 @@ def test_local_init_sets_where_q_star_starts(setup):
             x,
             encoder,
             family,
+            families=[FullCovarianceGaussian(3)],
             iwae_k=100,
             elbo_samples=20_000,
             local_init=init,
@@ -257,6 +258,11 @@ def test_local_init_sets_where_q_star_starts(setup):
     assert reports["prior"].settings["local_init"] == "prior"
     assert "batch_size" not in reports["prior"].settings["local_kwargs"]
     assert reports["encoder"].local_fit["diagonal"]["mean_steps"] == 1
+    # another family starts moment-matched to the encoder family's q*, or at the prior
+    for init, target in (("encoder", reports["encoder"].elbo_local["diagonal"].mean),
+                         ("prior", l_prior)):  # fmt: skip
+        full = reports[init].elbo_local["fullcov"]
+        assert abs(full.mean - target) < 4 * math.hypot(full.stderr, l_prior_se)
 
 
 def test_bad_arguments_raise(setup):
