@@ -33,6 +33,10 @@ class VariationalFamily(ABC):
     #: Short name used in reports and configs.
     name: str = "family"
 
+    #: Scale of :func:`amortized.fit_local`'s learning rate for this family: Adam's step
+    #: size suits a Gaussian's parameters and is too large for a flow's network weights.
+    local_lr_scale: float = 1.0
+
     def __init__(self, latent_dim: int):
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")

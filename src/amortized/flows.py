@@ -202,7 +202,6 @@ class _IAFLayout:
         self.size = sum(self.sizes.values())
 
 
-
 class InverseAutoregressiveFlow(VariationalFamily):
     r"""q(z; lam): N(mu, diag(sigma^2)) followed by ``layers`` IAF steps, all per datapoint.
 
@@ -235,6 +234,7 @@ class InverseAutoregressiveFlow(VariationalFamily):
     """
 
     name = "iaf"
+    local_lr_scale = 0.25  # per-datapoint MADE weights need smaller Adam steps
 
     def __init__(self, latent_dim: int, layers: int = 2, hidden: int | None = None):
         super().__init__(latent_dim)

@@ -230,7 +230,9 @@ def gap_report(
         with torch.no_grad():
             start = time.perf_counter()
             per["log_px"], per["log_px_se"] = _in_batches(
-                lambda s: iwae_bound(model, best, lam_star[best.name][s], x[s], iwae_k, stderr=True),
+                lambda s: iwae_bound(
+                    model, best, lam_star[best.name][s], x[s], iwae_k, stderr=True
+                ),
                 n,
                 batch_size,
             )

@@ -92,16 +92,22 @@ def fit_local(
     tol: float = 0.01,
     lr_decay: float = 0.5,
     max_decays: int = 3,
+    check_samples: int = 32,
     batch_size: int | None = None,
     analytic_kl: bool = True,
     progress: bool = False,
 ) -> LocalFit:
     r"""Fit lambda_i for every row of x by stochastic gradient ascent on its own ELBO.
 
-    Each row runs Adam with its own learning rate. Every ``check_every`` steps the mean
-    ELBO of the window is compared with the row's best: a row that did not improve by
-    ``tol`` nats has its learning rate multiplied by ``lr_decay``, and after
-    ``max_decays`` such plateaus it is converged and stops (it costs nothing from then
+    Each row runs Adam with its own learning rate. Every ``check_every`` steps a row
+    reaches a plateau when two signs of progress both fail: its mean ELBO over the window
+    did not beat its best window by ``tol`` nats, and its gain over the window,
+    L(lambda_end) - L(lambda_start), estimated from ``check_samples`` draws shared by
+    both ends (common random numbers: the Monte Carlo noise of the two ELBOs largely
+    cancels), is no more than ``tol``. Either sign alone is fooled by noise now and then
+    (a noisy window mean; a window in which the stochastic steps happened to lose
+    ground). At a plateau the row's learning rate is multiplied by ``lr_decay``; after
+    ``max_decays`` plateaus the row is converged and stops (it costs nothing from then
     on). No row runs more than ``steps`` steps. Model parameters get no gradients.
 
     Arguments:
@@ -110,6 +116,7 @@ def fit_local(
         x: data, ``(batch, *data_shape)``.
         init: starting parameters ``(batch, num_params)`` (e.g. an encoder's output);
             the prior's parameters by default.
+        lr: Adam's learning rate, times the family's ``local_lr_scale``.
         samples: reparameterized samples per gradient estimate.
         batch_size: rows optimised together (all of x by default); rows are independent,
             so this changes memory and speed, never the answer's distribution.
@@ -130,15 +137,15 @@ def fit_local(
         raise ValueError(
             f"init must have shape ({n}, {family.num_params}), got {tuple(init.shape)}"
         )
-    if steps < 1 or check_every < 1 or samples < 1:
-        raise ValueError("steps, check_every and samples must be >= 1")
+    if steps < 1 or check_every < 1 or samples < 1 or check_samples < 1:
+        raise ValueError("steps, check_every, samples and check_samples must be >= 1")
     batch_size = batch_size or n
     parts = [
         _fit_block(
             model, family, x[i : i + batch_size], init[i : i + batch_size].detach(),
             steps=steps, lr=lr, samples=samples, check_every=check_every, tol=tol,
-            lr_decay=lr_decay, max_decays=max_decays, analytic_kl=analytic_kl,
-            progress=progress,
+            lr_decay=lr_decay, max_decays=max_decays, check_samples=check_samples,
+            analytic_kl=analytic_kl, progress=progress,
         )
         for i in range(0, n, batch_size)
     ]  # fmt: skip
@@ -155,14 +162,29 @@ def fit_local(
     )
 
 
+def _paired_gain(
+    model, family, x, before: Tensor, after: Tensor, samples: int, analytic_kl: bool
+) -> Tensor:
+    """L(after) - L(before) per row, both estimated from the same draws, ``(batch,)``."""
+    seed = int(torch.randint(2**62, ()))  # from the global generator: reproducible
+    devices = [x.device] if x.device.type == "cuda" else []
+    values = []
+    with torch.no_grad():
+        for lam in (before, after):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                values.append(elbo(model, family, lam, x, samples, analytic_kl=analytic_kl))
+    return values[1] - values[0]
+
+
 def _fit_block(
     model, family, x, lam, *, steps, lr, samples, check_every, tol, lr_decay, max_decays,
-    analytic_kl, progress,
+    check_samples, analytic_kl, progress,
 ) -> LocalFit:  # fmt: skip
     n = x.shape[0]
     lam = lam.clone()  # (n, P)
     adam = AdamState.zeros_like(lam)
-    row_lr = lam.new_full((n,), lr)
+    row_lr = lam.new_full((n,), lr * family.local_lr_scale)
     best = lam.new_full((n,), -float("inf"))
     last = lam.new_full((n,), -float("inf"))
     decays = torch.zeros(n, dtype=torch.long, device=lam.device)
@@ -177,6 +199,7 @@ def _fit_block(
         state = AdamState(adam.m[idx], adam.v[idx], adam.t[idx])
         window = min(check_every, steps - done)
         window_sum = lam.new_zeros(idx.numel())
+        lam_start = lam_a
         for _ in range(window):
             lam_a.requires_grad_(True)
             with torch.enable_grad():
@@ -187,8 +210,9 @@ def _fit_block(
         done += window
         bar.update(window)
         mean = window_sum / window  # (active,)
-        # Plateau rule: no gain of tol nats over the best window -> smaller steps.
-        plateau = mean <= best[idx] + tol
+        # Plateau rule: no sign of a gain of more than tol nats -> smaller steps.
+        gain = _paired_gain(model, family, x_a, lam_start, lam_a, check_samples, analytic_kl)
+        plateau = (gain <= tol) & (mean <= best[idx] + tol)
         best[idx] = torch.maximum(best[idx], mean)
         decays[idx] += plateau.long()
         row_lr[idx] = torch.where(plateau, lr_a * lr_decay, lr_a)
