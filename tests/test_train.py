@@ -188,10 +188,28 @@ def test_iwae_objective_trains(tiny_data, tmp_path):
     assert metrics[-1]["best_valid_elbo"] > metrics[0]["valid_elbo"]
 
 
+def test_iaf_family_trains_its_shared_weights_and_burda_schedule_sets_the_rate(tiny_data, tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 5}, family="iaf", lr_schedule="burda")
+    trained = train(config, tmp_path, dataset=tiny_data)
+    metrics = _metrics(tmp_path)
+    assert metrics[-1]["best_valid_elbo"] > metrics[0]["valid_elbo"]
+    # epochs 1 | 2-4 | 5 are Burda's stages 0, 1, 2
+    expected = [1e-3, 1e-3 * 10 ** (-1 / 7), 1e-3 * 10 ** (-1 / 7), 1e-3 * 10 ** (-1 / 7),
+                1e-3 * 10 ** (-2 / 7)]  # fmt: skip
+    assert [m["lr"] for m in metrics] == pytest.approx(expected)
+    head = trained.encoder.net[-1]
+    assert head.w2.abs().sum() > 0  # the flow left the identity it started at
+    reloaded = load_run(tmp_path)
+    x = tiny_data.test[:4].bernoulli(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encoder(x), trained.encoder(x))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"likelihood": "poisson"}, "likelihood"),
+        ({"lr_schedule": "cosine"}, "lr_schedule"),
         ({"family": "flow"}, "family"),
         ({"objective": "vimco"}, "objective"),
         ({"batch_size": 0}, "batch_size"),
