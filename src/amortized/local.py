@@ -69,14 +69,36 @@ def adam_step(
 
     ``lr`` is ``(rows,)``: every row has its own step size.
     """
+    lam, state = lam.clone(), AdamState(state.m.clone(), state.v.clone(), state.t.clone())
+    adam_step_(lam, grad, state, lr, betas, eps)
+    return lam, state
+
+
+def adam_step_(
+    lam: Tensor,
+    grad: Tensor,
+    state: AdamState,
+    lr: Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    scratch: Tensor | None = None,
+) -> None:
+    """:func:`adam_step` in place: updates ``lam`` and ``state`` without new big tensors.
+
+    For a flow whose lam holds network weights, lam has tens of thousands of entries
+    per row, and the temporaries of the pure form dominate the time of a step.
+    ``scratch``, shaped like ``lam``, is reused as the one temporary when given.
+    """
     b1, b2 = betas
-    m = b1 * state.m + (1 - b1) * grad
-    v = b2 * state.v + (1 - b2) * grad.square()
-    t = state.t + 1
-    m_hat = m / (1 - b1 ** t[:, None])
-    v_hat = v / (1 - b2 ** t[:, None])
-    lam = lam + lr[:, None] * m_hat / (v_hat.sqrt() + eps)
-    return lam, AdamState(m, v, t)
+    state.t += 1
+    state.m.lerp_(grad, 1 - b1)
+    state.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    bias1 = 1 - b1 ** state.t[:, None]  # (rows, 1)
+    bias2 = (1 - b2 ** state.t[:, None]).sqrt_()
+    # lam += lr m_hat / (sqrt(v_hat) + eps), with the one temporary reused
+    step = torch.sqrt(state.v, out=scratch).div_(bias2).add_(eps)
+    torch.div(state.m, step, out=step)
+    lam.addcmul_(step, lr[:, None] / bias1)
 
 
 def fit_local(
@@ -199,14 +221,16 @@ def _fit_block(
         state = AdamState(adam.m[idx], adam.v[idx], adam.t[idx])
         window = min(check_every, steps - done)
         window_sum = lam.new_zeros(idx.numel())
-        lam_start = lam_a
+        lam_start = lam_a.clone()  # lam_a is updated in place
+        scratch = torch.empty_like(lam_a)
         for _ in range(window):
             lam_a.requires_grad_(True)
             with torch.enable_grad():
                 value = elbo(model, family, lam_a, x_a, samples, analytic_kl=analytic_kl)
                 (grad,) = torch.autograd.grad(value.sum(), lam_a)
             window_sum += value.detach()
-            lam_a, state = adam_step(lam_a.detach(), grad, state, lr_a)
+            lam_a = lam_a.detach()
+            adam_step_(lam_a, grad, state, lr_a, scratch=scratch)
         done += window
         bar.update(window)
         mean = window_sum / window  # (active,)
