@@ -16,17 +16,24 @@ datapoint, Kingma et al. 2016); the paper's is an auxiliary flow (Cremer et al. 
 so the flow rows compare families of similar purpose, not identical ones. Each family's
 q* starts from the run's encoder: the encoder's own family at its output, the other
 family moment-matched to that q* (so the flow starts where the diagonal q* ended).
+
+The test set is measured in shards of ``--shard-size`` images, each saved to
+``--shard-dir`` as soon as it is done (atomically): run the same command again after a
+kill and it carries on from the first missing shard. The table merges the shards
+(:func:`amortized.merge_reports`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
-from amortized import DiagonalGaussian, gap_report
+from amortized import DiagonalGaussian, GapReport, gap_report, merge_reports
 from amortized.data import load_dataset
 from amortized.registry import FAMILIES
 from amortized.train import Trained, evaluation_subset, load_run, prepare_split
@@ -42,15 +49,19 @@ PAPER_FFG = {
 }
 
 
-def cremer_columns(trained: Trained, x, iwae_k: int, ais_steps: int, flow: str) -> dict:
-    """One column of the table: the run's own family and the other one, per datapoint."""
+def measure(trained: Trained, x, iwae_k: int, ais_steps: int, flow: str) -> GapReport:
+    """Gaps of one run on x: the run's own family and the other one, per datapoint."""
     d = trained.config.latent_dim
     other = FAMILIES[flow](d) if trained.family.name == "diagonal" else DiagonalGaussian(d)
-    report = gap_report(
+    return gap_report(
         trained.model, x, trained.encoder, trained.family, families=[other], iwae_k=iwae_k,
         ais_steps=ais_steps, elbo_samples=1000,
-        local_kwargs={"steps": 2000, "lr": 0.02, "samples": 8, "batch_size": 1000},
+        local_kwargs={"steps": 2000, "lr": 0.02, "samples": 8, "batch_size": 500},
     )  # fmt: skip
+
+
+def column(report: GapReport, flow: str) -> dict:
+    """One column of the table, each entry (mean, MC standard error)."""
 
     def pair(q):
         return (q.mean, q.stderr)
@@ -61,11 +72,31 @@ def cremer_columns(trained: Trained, x, iwae_k: int, ais_steps: int, flow: str) 
         "L[q*] flow": pair(report.elbo_local[flow]),
         "L[q*] diagonal": pair(report.elbo_local["diagonal"]),
         "L[q] encoder": pair(report.elbo_amortized),
-        "approximation gap": pair(report.approximation_gap[trained.family.name]),
+        "approximation gap": pair(report.approximation_gap[report.encoder_family]),
         "amortization gap": pair(report.amortization_gap),
         "log p(x) estimates": {k: pair(v) for k, v in report.log_px_estimates.items()},
         "seconds per datapoint": report.seconds_per_datapoint,
+        "points": report.n,
     }
+
+
+def sharded_report(trained: Trained, x, args) -> GapReport:
+    """The report over x, measured shard by shard; finished shards are kept and reused."""
+    out = Path(args.shard_dir) / f"{trained.run_dir.name}-{len(x)}"
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, part in enumerate(x.split(args.shard_size)):
+        path = out / f"shard-{k:03d}.json"
+        if not path.exists():
+            start = time.perf_counter()
+            torch.manual_seed(k)
+            report = measure(trained, part, args.iwae_k, args.ais_steps, args.flow_family)
+            tmp = path.with_suffix(".tmp")
+            report.to_json(tmp)
+            os.replace(tmp, path)  # a killed run leaves no half-written shard
+            print(f"{path}: {time.perf_counter() - start:.0f} s", flush=True)
+        shards.append(GapReport.from_json(path))
+    return merge_reports(shards)
 
 
 def main() -> None:
@@ -77,6 +108,8 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=1000, help="random test subset (0: all)")
     parser.add_argument("--iwae-k", type=int, default=5000)
     parser.add_argument("--ais-steps", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--shard-dir", default="runs/cremer2018", help="finished shards")
     parser.add_argument("--output", default=None, help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -90,20 +123,17 @@ def main() -> None:
             parser.error(f"{run_dir} was trained with --family {trained.family.name}, not {family}")
         dataset = load_dataset(trained.config.dataset, args.data_dir)
         x = evaluation_subset(prepare_split(dataset, "test", "bernoulli"), args.points)
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        columns[name] = cremer_columns(trained, x, args.iwae_k, args.ais_steps, args.flow_family)
-        columns[name]["seconds"] = time.perf_counter() - start
-        columns[name]["points"] = len(x)
+        columns[name] = column(sharded_report(trained, x, args), args.flow_family)
         metrics = (trained.run_dir / "metrics.jsonl").read_text().splitlines()
         columns[name]["epochs trained"] = len(metrics)
     print("nats per datapoint; Monte Carlo standard errors are in the JSON")
     print(f"{'':20s} {'paper FFG':>10s}" + "".join(f" {name:>13s}" for name in columns))
     for row, paper in PAPER_FFG.items():
         print(f"{row:20s} {paper:10.2f}" + "".join(f" {c[row][0]:13.2f}" for c in columns.values()))
-    for name, column in columns.items():
-        print(f"{name}: {column['points']} test images, {column['seconds']:.0f} s; "
-              f"log p(x) from {column['log p(x) method']}")  # fmt: skip
+    for name, c in columns.items():
+        seconds = sum(c["seconds per datapoint"].values()) * c["points"]
+        print(f"{name}: {c['points']} test images, {c['epochs trained']} epochs trained, "
+              f"{seconds:.0f} s of gap report; log p(x) from {c['log p(x) method']}")  # fmt: skip
     if args.output:
         with open(args.output, "w") as f:
             json.dump(columns, f, indent=2)

@@ -18,7 +18,14 @@ from linear_gaussian import LinearGaussian
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from amortized import DiagonalGaussian, FullCovarianceGaussian, GapReport, elbo, gap_report
+from amortized import (
+    DiagonalGaussian,
+    FullCovarianceGaussian,
+    GapReport,
+    elbo,
+    gap_report,
+    merge_reports,
+)
 
 DTYPE = torch.float64
 N = 40
@@ -184,6 +191,39 @@ def test_to_json_round_trips(setup, tmp_path):
     path = tmp_path / "report.json"
     assert report.to_json(path) == path.read_text()
     assert json.loads(report.to_json(per_datapoint=False))["per_datapoint"] == {}
+    back = GapReport.from_json(path)
+    assert back.to_dict() == report.to_dict()
+
+
+def test_merging_shards_is_the_report_of_their_union(setup):
+    lg, x, encoder, report = setup
+    # one report re-summarised from its own per-datapoint arrays is the same report
+    assert merge_reports([report]).to_dict() == report.to_dict()
+    shards = []
+    for part in (x[:15], x[15:]):
+        torch.manual_seed(3)
+        shards.append(gap_report(lg.model, part, encoder, DiagonalGaussian(3),
+                                 families=[FullCovarianceGaussian(3)], iwae_k=200,
+                                 elbo_samples=500, batch_size=16))  # fmt: skip
+    merged = merge_reports(shards)
+    per = {k: np.concatenate([s.per_datapoint[k] for s in shards]) for k in merged.per_datapoint}
+    assert merged.n == N
+    assert merged.log_px.mean == pytest.approx(per["log_px"].mean())
+    assert merged.amortization_gap.mean == pytest.approx(
+        (per["elbo_local/diagonal"] - per["elbo_amortized"]).mean()
+    )
+    se = np.sqrt((per["elbo_local/fullcov_se"] ** 2).sum()) / N
+    assert merged.elbo_local["fullcov"].stderr == pytest.approx(se)
+    sizes = np.array([15, 25])
+    expected = (sizes * [s.seconds_per_datapoint["encoder"] for s in shards]).sum() / N
+    assert merged.seconds_per_datapoint["encoder"] == pytest.approx(expected)
+    # and it agrees with the full report within Monte Carlo error (different draws)
+    gap = merged.amortization_gap
+    assert abs(gap.mean - report.amortization_gap.mean) < 0.15
+    with pytest.raises(ValueError, match="measured differently"):
+        merge_reports([shards[0], report])
+    with pytest.raises(ValueError, match="at least one"):
+        merge_reports([])
 
 
 def test_table_contains_the_numbers(setup):

@@ -11,7 +11,7 @@ from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
 from .flows import InverseAutoregressiveFlow, PlanarFlow
-from .gaps import GapReport, gap_report
+from .gaps import GapReport, gap_report, merge_reports
 from .local import LocalFit, fit_local
 from .model import LatentVariableModel
 
@@ -33,6 +33,7 @@ __all__ = [
     "fit_local",
     "LocalFit",
     "gap_report",
+    "merge_reports",
     "GapReport",
     "ais",
     "reverse_ais",

@@ -30,7 +30,7 @@ from .families import VariationalFamily
 from .local import fit_local
 from .model import LatentVariableModel
 
-__all__ = ["GapReport", "gap_report"]
+__all__ = ["GapReport", "gap_report", "merge_reports"]
 
 
 @dataclass
@@ -81,6 +81,25 @@ class GapReport:
         if path is not None:
             Path(path).write_text(text)
         return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GapReport:
+        """Inverse of :meth:`to_dict` (a report read back from its JSON)."""
+        data = dict(data)
+
+        def quantities(d):
+            return {k: Quantity(**v) for k, v in d.items()}
+
+        for key in ("log_px", "elbo_amortized", "amortization_gap", "inference_gap"):
+            data[key] = Quantity(**data[key])
+        for key in ("log_px_estimates", "elbo_local", "approximation_gap"):
+            data[key] = quantities(data[key])
+        data["per_datapoint"] = {k: np.asarray(v) for k, v in data["per_datapoint"].items()}
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GapReport:
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self) -> str:
         """The report as a Markdown table."""
@@ -260,33 +279,13 @@ def gap_report(
         model.train(was_training[0])
         encoder.train(was_training[1])
 
-    log_px, log_px_se = per["log_px"], per["log_px_se"]
-    l_q, l_q_se = per["elbo_amortized"], per["elbo_amortized_se"]
-    l_star, l_star_se = per[f"elbo_local/{family.name}"], per[f"elbo_local/{family.name}_se"]
-    approx = {
-        fam.name: _quantity(
-            log_px - per[f"elbo_local/{fam.name}"],
-            (log_px_se.square() + per[f"elbo_local/{fam.name}_se"].square()).sqrt(),
-        )
-        for fam in all_families
-    }
-    return GapReport(
-        n=n,
+    return _summarise(
+        per,
         encoder_family=family.name,
-        log_px=_quantity(log_px, log_px_se),
-        log_px_method=estimates[chosen],
-        log_px_estimates={
-            name: _quantity(per[f"log_px_{name}"], per[f"log_px_{name}_se"]) for name in estimates
-        },
-        elbo_amortized=_quantity(l_q, l_q_se),
-        elbo_local={
-            fam.name: _quantity(per[f"elbo_local/{fam.name}"], per[f"elbo_local/{fam.name}_se"])
-            for fam in all_families
-        },
-        approximation_gap=approx,
-        amortization_gap=_quantity(l_star - l_q, (l_star_se.square() + l_q_se.square()).sqrt()),
-        inference_gap=_quantity(log_px - l_q, (log_px_se.square() + l_q_se.square()).sqrt()),
-        seconds_per_datapoint=seconds,
+        families=[fam.name for fam in all_families],
+        estimates=estimates,
+        chosen=chosen,
+        seconds=seconds,
         settings={
             "iwae_k": iwae_k,
             "ais_steps": ais_steps,
@@ -294,8 +293,100 @@ def gap_report(
             "elbo_samples": elbo_samples,
             "local_init": local_init,
             "local_kwargs": local_kwargs,
+            "log_px_methods": estimates,
             "stderr": "Monte Carlo standard error of the mean over datapoints",
         },
         local_fit=fit_stats,
+    )
+
+
+def _summarise(
+    per: dict[str, Tensor],
+    *,
+    encoder_family: str,
+    families: list[str],
+    estimates: dict[str, str],
+    chosen: str,
+    seconds: dict[str, float],
+    settings: dict[str, Any],
+    local_fit: dict[str, dict[str, float]],
+) -> GapReport:
+    """A report's means and gaps from its per-datapoint arrays."""
+    log_px, log_px_se = per["log_px"], per["log_px_se"]
+    l_q, l_q_se = per["elbo_amortized"], per["elbo_amortized_se"]
+    l_star, l_star_se = per[f"elbo_local/{encoder_family}"], per[f"elbo_local/{encoder_family}_se"]
+    approx = {
+        name: _quantity(
+            log_px - per[f"elbo_local/{name}"],
+            (log_px_se.square() + per[f"elbo_local/{name}_se"].square()).sqrt(),
+        )
+        for name in families
+    }
+    return GapReport(
+        n=log_px.numel(),
+        encoder_family=encoder_family,
+        log_px=_quantity(log_px, log_px_se),
+        log_px_method=estimates[chosen],
+        log_px_estimates={
+            name: _quantity(per[f"log_px_{name}"], per[f"log_px_{name}_se"]) for name in estimates
+        },
+        elbo_amortized=_quantity(l_q, l_q_se),
+        elbo_local={
+            name: _quantity(per[f"elbo_local/{name}"], per[f"elbo_local/{name}_se"])
+            for name in families
+        },
+        approximation_gap=approx,
+        amortization_gap=_quantity(l_star - l_q, (l_star_se.square() + l_q_se.square()).sqrt()),
+        inference_gap=_quantity(log_px - l_q, (log_px_se.square() + l_q_se.square()).sqrt()),
+        seconds_per_datapoint=seconds,
+        settings=settings,
+        local_fit=local_fit,
         per_datapoint={k: v.detach().cpu().numpy() for k, v in per.items()},
+    )
+
+
+def merge_reports(reports: Sequence[GapReport]) -> GapReport:
+    """One report for the union of the datapoints of ``reports`` (shards of one dataset).
+
+    The result is what one :func:`gap_report` over all the datapoints reports, up to the
+    Monte Carlo draws: means, gaps and standard errors are recomputed from the
+    per-datapoint arrays, and log p(x) uses the estimate that is tighter over the union.
+    The shards must have been measured alike (same settings and estimators); times per
+    datapoint and fit statistics are averaged with the shards' sizes as weights.
+    """
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    first = reports[0]
+    for r in reports[1:]:
+        if (r.encoder_family, r.settings, list(r.elbo_local)) != (
+            first.encoder_family, first.settings, list(first.elbo_local)
+        ):  # fmt: skip
+            raise ValueError(
+                "reports to merge were measured differently (settings, families, or the "
+                "q* that log p(x) was drawn from)"
+            )
+        if r.per_datapoint.keys() != first.per_datapoint.keys():
+            raise ValueError("reports to merge hold different per-datapoint arrays")
+    methods = first.settings["log_px_methods"]  # estimator name -> description
+    per = {
+        k: torch.cat([torch.as_tensor(r.per_datapoint[k]) for r in reports])
+        for k in first.per_datapoint
+    }
+    chosen = max(methods, key=lambda m: float(per[f"log_px_{m}"].mean()))
+    per["log_px"], per["log_px_se"] = per[f"log_px_{chosen}"], per[f"log_px_{chosen}_se"]
+    n = sum(r.n for r in reports)
+
+    def weighted(values: list[dict[str, float]]) -> dict[str, float]:
+        return {k: sum(r.n * v[k] for r, v in zip(reports, values, strict=True)) / n
+                for k in values[0]}  # fmt: skip
+
+    return _summarise(
+        per,
+        encoder_family=first.encoder_family,
+        families=list(first.elbo_local),
+        estimates=methods,
+        chosen=chosen,
+        seconds=weighted([r.seconds_per_datapoint for r in reports]),
+        settings=first.settings,
+        local_fit={f: weighted([r.local_fit[f] for r in reports]) for f in first.local_fit},
     )
