@@ -33,10 +33,6 @@ class VariationalFamily(ABC):
     #: Short name used in reports and configs.
     name: str = "family"
 
-    #: Scale of :func:`amortized.fit_local`'s learning rate for this family: Adam's step
-    #: size suits a Gaussian's parameters and is too large for a flow's network weights.
-    local_lr_scale: float = 1.0
-
     def __init__(self, latent_dim: int):
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
@@ -69,6 +65,15 @@ class VariationalFamily(ABC):
     def mean(self, lam: Tensor) -> Tensor:
         """E_q[z], shape ``(batch, latent_dim)``."""
         return self.distribution(lam).mean
+
+    def lr_scale(self, device=None, dtype=None) -> Tensor | None:
+        """Per-entry scale of :func:`amortized.fit_local`'s learning rate, ``(num_params,)``.
+
+        ``None`` (the default) means 1 for every entry. Adam's step size suits a
+        Gaussian's parameters; a flow whose lam holds network weights moves those in
+        smaller steps.
+        """
+        return None
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         """Parameters of the member of this family nearest N(loc, diag(exp(log_scale))^2).

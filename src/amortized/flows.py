@@ -234,7 +234,8 @@ class InverseAutoregressiveFlow(VariationalFamily):
     """
 
     name = "iaf"
-    local_lr_scale = 0.25  # per-datapoint MADE weights need smaller Adam steps
+    #: fit_local's learning rate for the networks' weights, relative to mu and log sigma
+    weight_lr_scale = 0.25
 
     def __init__(self, latent_dim: int, layers: int = 2, hidden: int | None = None):
         super().__init__(latent_dim)
@@ -302,6 +303,11 @@ class InverseAutoregressiveFlow(VariationalFamily):
             w1 = torch.randn(h, d, generator=g) / math.sqrt(d)
             parts += [w1.flatten(), torch.zeros(h + 2 * d * h + 2 * d)]
         return torch.cat(parts).to(device=device, dtype=dtype)
+
+    def lr_scale(self, device=None, dtype=None) -> Tensor:
+        scale = torch.full((self.num_params,), self.weight_lr_scale, device=device, dtype=dtype)
+        scale[: 2 * self.latent_dim] = 1.0  # the base Gaussian's mu and log sigma
+        return scale
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         steps = self._identity_steps(loc.device, loc.dtype)

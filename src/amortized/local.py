@@ -82,12 +82,14 @@ def adam_step_(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     scratch: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> None:
     """:func:`adam_step` in place: updates ``lam`` and ``state`` without new big tensors.
 
     For a flow whose lam holds network weights, lam has tens of thousands of entries
     per row, and the temporaries of the pure form dominate the time of a step.
-    ``scratch``, shaped like ``lam``, is reused as the one temporary when given.
+    ``scratch``, shaped like ``lam``, is reused as the one temporary when given;
+    ``scale`` ``(params,)`` multiplies the learning rate entry by entry.
     """
     b1, b2 = betas
     state.t += 1
@@ -98,6 +100,8 @@ def adam_step_(
     # lam += lr m_hat / (sqrt(v_hat) + eps), with the one temporary reused
     step = torch.sqrt(state.v, out=scratch).div_(bias2).add_(eps)
     torch.div(state.m, step, out=step)
+    if scale is not None:
+        step.mul_(scale)
     lam.addcmul_(step, lr[:, None] / bias1)
 
 
@@ -138,7 +142,7 @@ def fit_local(
         x: data, ``(batch, *data_shape)``.
         init: starting parameters ``(batch, num_params)`` (e.g. an encoder's output);
             the prior's parameters by default.
-        lr: Adam's learning rate, times the family's ``local_lr_scale``.
+        lr: Adam's learning rate, times the family's per-entry ``lr_scale()``.
         samples: reparameterized samples per gradient estimate.
         batch_size: rows optimised together (all of x by default); rows are independent,
             so this changes memory and speed, never the answer's distribution.
@@ -206,7 +210,8 @@ def _fit_block(
     n = x.shape[0]
     lam = lam.clone()  # (n, P)
     adam = AdamState.zeros_like(lam)
-    row_lr = lam.new_full((n,), lr * family.local_lr_scale)
+    row_lr = lam.new_full((n,), lr)
+    scale = family.lr_scale(lam.device, lam.dtype)
     best = lam.new_full((n,), -float("inf"))
     last = lam.new_full((n,), -float("inf"))
     decays = torch.zeros(n, dtype=torch.long, device=lam.device)
@@ -230,7 +235,7 @@ def _fit_block(
                 (grad,) = torch.autograd.grad(value.sum(), lam_a)
             window_sum += value.detach()
             lam_a = lam_a.detach()
-            adam_step_(lam_a, grad, state, lr_a, scratch=scratch)
+            adam_step_(lam_a, grad, state, lr_a, scratch=scratch, scale=scale)
         done += window
         bar.update(window)
         mean = window_sum / window  # (active,)
