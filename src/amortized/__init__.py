@@ -2,7 +2,8 @@
 
 A variational family is q(z; lambda) with one parameter row lambda_i per datapoint.
 Amortized inference computes lambda(x) with an encoder; classical VI optimises each
-lambda_i freely (:func:`fit_local`); the gap report measures what the difference costs.
+lambda_i freely (:func:`fit_local`); refinement starts from lambda(x) and takes K steps
+(:func:`refine`); the gap report measures what the difference costs.
 """
 
 from .ais import AISResult, ais, bdmc, reverse_ais
@@ -14,6 +15,7 @@ from .flows import InverseAutoregressiveFlow, PlanarFlow
 from .gaps import GapReport, gap_report, merge_reports
 from .local import LocalFit, fit_local
 from .model import LatentVariableModel
+from .refine import RefinementPoint, refine, refinement_curve
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,9 @@ __all__ = [
     "kl_to_prior",
     "fit_local",
     "LocalFit",
+    "refine",
+    "refinement_curve",
+    "RefinementPoint",
     "gap_report",
     "merge_reports",
     "GapReport",
