@@ -47,7 +47,7 @@ def test_bound_rises_with_steps_and_reaches_the_optimum(lg):
     torch.manual_seed(0)
     curve = refinement_curve(
         lg.model, family, x, lam0, steps=(0, 1, 2, 5, 10, 20, 50, 200), elbo_samples=4000,
-        lr=0.02, momentum=0.5, samples=8,
+        method="sgd", lr=0.02, momentum=0.5, samples=8,
     )  # fmt: skip
     values = [p.elbo for p in curve]
     noise = max(p.stderr for p in curve)
@@ -64,7 +64,7 @@ def test_gradient_norm_is_clipped_row_by_row(lg):
     x = lg.sample_x(5) * 50  # far from anything: huge gradients
     family = DiagonalGaussian(3)
     lam0 = family.prior_init(5, dtype=DTYPE)
-    lam1 = refine(lg.model, family, x, lam0, steps=1, lr=0.3, max_grad_norm=2.0)
+    lam1 = refine(lg.model, family, x, lam0, steps=1, method="sgd", lr=0.3, max_grad_norm=2.0)
     torch.testing.assert_close((lam1 - lam0).norm(dim=-1), torch.full((5,), 0.6, dtype=DTYPE))
 
 
@@ -74,7 +74,8 @@ def _tiny_bernoulli_model():
     return LatentVariableModel(decoder, 2).to(DTYPE)
 
 
-def test_gradients_through_the_unrolled_steps_match_finite_differences():
+@pytest.mark.parametrize("method", ["sgd", "adam"])
+def test_gradients_through_the_unrolled_steps_match_finite_differences(method):
     model = _tiny_bernoulli_model()
     family = DiagonalGaussian(2)
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]], dtype=DTYPE)
@@ -82,7 +83,7 @@ def test_gradients_through_the_unrolled_steps_match_finite_differences():
 
     def refined_bound(lam0):
         torch.manual_seed(3)  # the same draws in every evaluation
-        lam = refine(model, family, x, lam0, steps=3, lr=0.3, momentum=0.5,
+        lam = refine(model, family, x, lam0, steps=3, method=method, lr=0.3,
                      max_grad_norm=None, samples=2, create_graph=True)  # fmt: skip
         torch.manual_seed(4)
         return elbo(model, family, lam, x, 4).sum()
@@ -110,6 +111,8 @@ def test_bad_arguments(lg):
         refine(lg.model, family, x, family.prior_init(3, dtype=DTYPE), steps=-1)
     with pytest.raises(ValueError, match="shape"):
         refine(lg.model, family, x, family.prior_init(4, dtype=DTYPE), steps=1)
+    with pytest.raises(ValueError, match="method"):
+        refine(lg.model, family, x, family.prior_init(3, dtype=DTYPE), steps=1, method="lbfgs")
     with pytest.raises(ValueError, match="non-negative"):
         refinement_curve(lg.model, family, x, family.prior_init(3, dtype=DTYPE), steps=(-1,))
 
@@ -119,7 +122,18 @@ def test_module_is_a_plain_function_of_its_inputs(lg):
     x = lg.sample_x(4)
     family = DiagonalGaussian(3)
     before = [p.detach().clone() for p in lg.model.parameters()]
-    refine(lg.model, family, x, family.prior_init(4, dtype=DTYPE), steps=3, lr=0.1)
+    refine(lg.model, family, x, family.prior_init(4, dtype=DTYPE), steps=3)
     for p, b in zip(lg.model.parameters(), before, strict=True):
         assert torch.equal(p, b) and p.grad is None
     assert isinstance(lg.model, nn.Module)
+
+
+def test_adam_refinement_reaches_the_optimum(lg):
+    x = lg.sample_x(40)
+    family = DiagonalGaussian(3)
+    torch.manual_seed(1)
+    curve = refinement_curve(lg.model, family, x, shrunk_encoder_output(lg, x),
+                             steps=(0, 300), elbo_samples=4000, samples=8)  # fmt: skip
+    optimum = float(lg.best_diagonal_elbo(x).mean())
+    assert optimum - curve[0].elbo > 1.0
+    assert abs(curve[-1].elbo - optimum) < 0.05
