@@ -40,7 +40,8 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     argv = ["study", "--dataset", str(tiny_npz), "--run-dir", str(run), "--train-subset", "30"]
     assert main([*argv, *TINY, "--families", "fullcov"]) == 0
     for name in ("report.md", "results.json", "gaps.png", "training.png", "images.png",
-                 "gaps_train.json", "gaps_test.json", "config.toml", "metrics.jsonl"):  # fmt: skip
+                 "refinement.png", "gaps_train.json", "gaps_test.json", "config.toml",
+                 "metrics.jsonl"):  # fmt: skip
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
     test = results["gaps"]["test"]
@@ -50,6 +51,10 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     assert "fullcov" in test["elbo_local"]
     report = (run / "report.md").read_text()
     assert "| amortization gap |" in report and "training subset" in report
+    # the study's refinement curve, K = 0 being the encoder itself
+    assert list(test["refinement"]) == ["0", "1", "2", "5", "10", "20", "50", "100"]
+    assert test["refinement"]["0"]["mean"] == pytest.approx(test["elbo_amortized"]["mean"], abs=1.0)
+    assert "Buying the bound back" in report
     capsys.readouterr()
 
     assert main(["gap", str(run), "--split", "valid", "--iwae-k", "10", "--elbo-samples", "5",

@@ -175,6 +175,7 @@ def test_to_json_round_trips(setup, tmp_path):
         "seconds_per_datapoint",
         "settings",
         "local_fit",
+        "refinement",
         "per_datapoint",
     }
     assert set(data) == expected_keys
@@ -332,3 +333,21 @@ def test_ais_estimate_is_shown_beside_iwae_and_both_match_exact(setup):
     assert report.log_px_method.lower().startswith(best)
     assert report.seconds_per_datapoint["ais"] > 0
     assert "log p(x) by ais" in report.table()
+
+
+def test_refinement_curve_runs_from_the_encoder_to_q_star(setup):
+    lg, x, encoder, _ = setup
+    torch.manual_seed(5)
+    report = gap_report(lg.model, x, encoder, DiagonalGaussian(3), iwae_k=100,
+                        elbo_samples=4000, refine_steps=(0, 2, 300),
+                        refine_kwargs={"samples": 8}, batch_size=16)  # fmt: skip
+    assert list(report.refinement) == ["0", "2", "300"]
+    start, end = report.refinement["0"], report.refinement["300"]
+    l_q, l_star = report.elbo_amortized, report.elbo_local["diagonal"]
+    assert abs(start.mean - l_q.mean) < 4 * math.hypot(start.stderr, l_q.stderr)
+    assert report.refinement["2"].mean > start.mean
+    assert abs(end.mean - l_star.mean) < 0.05
+    assert report.seconds_per_datapoint["refine/300"] > report.seconds_per_datapoint["refine/2"]
+    assert "L[q] after 300 refinement steps" in report.table()
+    assert GapReport.from_dict(report.to_dict()).refinement == report.refinement
+    assert merge_reports([report]).refinement == report.refinement

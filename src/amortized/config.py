@@ -89,6 +89,11 @@ class GapConfig:
     families: tuple[str, ...] = field(
         default=(), metadata=_help("extra families optimised per datapoint, e.g. fullcov")
     )
+    refine_steps: tuple[int, ...] = field(
+        default=(),
+        metadata=_help("refinement curve: L[q] after K Adam steps from the encoder, e.g. 0,5,20"),
+    )
+    refine_lr: float = field(default=0.02, metadata=_help("Adam step size of the refinement"))
     split: str = field(default="test", metadata=_help("train, valid or test"))
     max_points: int = field(
         default=0, metadata=_help("evaluate a fixed random subset of N points (0: all)")
@@ -103,7 +108,9 @@ class StudyConfig:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     gap: GapConfig = field(
-        default_factory=lambda: GapConfig(iwae_k=1000, local_steps=1000, max_points=0)
+        default_factory=lambda: GapConfig(
+            iwae_k=1000, local_steps=1000, max_points=0, refine_steps=(0, 1, 2, 5, 10, 20, 50, 100)
+        )
     )
     train_subset: int = field(
         default=500, metadata=_help("training points on which the gaps are also measured")

@@ -29,6 +29,7 @@ from .estimators import elbo, iwae_bound
 from .families import VariationalFamily
 from .local import fit_local
 from .model import LatentVariableModel
+from .refine import refinement_path
 
 __all__ = ["GapReport", "gap_report", "merge_reports"]
 
@@ -50,8 +51,10 @@ class GapReport:
 
     ``elbo_local`` and ``approximation_gap`` have one entry per family optimised per
     datapoint; ``amortization_gap`` is taken against the encoder's own family.
-    ``per_datapoint`` holds the arrays behind every mean; ``seconds_per_datapoint`` the
-    wall-clock cost of each inference route.
+    ``refinement`` maps K (as a string) to L[q] after K refinement steps from the
+    encoder's output (:func:`amortized.refine`), whose cost per datapoint is
+    ``seconds_per_datapoint["refine/K"]``. ``per_datapoint`` holds the arrays behind
+    every mean; ``seconds_per_datapoint`` the wall-clock cost of each inference route.
     """
 
     n: int
@@ -67,6 +70,7 @@ class GapReport:
     seconds_per_datapoint: dict[str, float]
     settings: dict[str, Any]
     local_fit: dict[str, dict[str, float]] = field(default_factory=dict)
+    refinement: dict[str, Quantity] = field(default_factory=dict)
     per_datapoint: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self, per_datapoint: bool = True) -> dict[str, Any]:
@@ -86,13 +90,14 @@ class GapReport:
     def from_dict(cls, data: dict[str, Any]) -> GapReport:
         """Inverse of :meth:`to_dict` (a report read back from its JSON)."""
         data = dict(data)
+        data.setdefault("refinement", {})
 
         def quantities(d):
             return {k: Quantity(**v) for k, v in d.items()}
 
         for key in ("log_px", "elbo_amortized", "amortization_gap", "inference_gap"):
             data[key] = Quantity(**data[key])
-        for key in ("log_px_estimates", "elbo_local", "approximation_gap"):
+        for key in ("log_px_estimates", "elbo_local", "approximation_gap", "refinement"):
             data[key] = quantities(data[key])
         data["per_datapoint"] = {k: np.asarray(v) for k, v in data["per_datapoint"].items()}
         return cls(**data)
@@ -116,6 +121,11 @@ class GapReport:
                 for name, q in self.elbo_local.items()
             ],
             ("L[q] (encoder)", str(self.elbo_amortized), f"amortized, {fam}"),
+            *[
+                (f"L[q] after {k} refinement steps", str(q), "from the encoder's output")
+                for k, q in self.refinement.items()
+                if k != "0"
+            ],
             (f"approximation gap ({fam})", str(self.approximation_gap[fam]), "log p(x) - L[q*]"),
             ("amortization gap", str(self.amortization_gap), "L[q*] - L[q]"),
             ("inference gap", str(self.inference_gap), "log p(x) - L[q]"),
@@ -158,6 +168,8 @@ def gap_report(
     elbo_samples: int = 1000,
     local_kwargs: dict[str, Any] | None = None,
     local_init: str = "encoder",
+    refine_steps: Sequence[int] = (),
+    refine_kwargs: dict[str, Any] | None = None,
     batch_size: int = 500,
     progress: bool = False,
 ) -> GapReport:
@@ -182,6 +194,9 @@ def gap_report(
             every other family at the Gaussian moment-matched to it (so a family that
             contains the diagonal Gaussian starts where the diagonal q* ended); "prior"
             starts every family at the prior.
+        refine_steps: numbers of steps K at which to report L[q] of the encoder's output
+            refined by K gradient steps (:func:`amortized.refine`, with
+            ``refine_kwargs``): the refinement curve from L[q] (K = 0) toward L[q*].
         batch_size: datapoints evaluated together (memory, not results).
 
     Returns:
@@ -210,6 +225,20 @@ def gap_report(
                 n,
                 batch_size,
             )
+
+        # Refinement route: K gradient steps from the encoder's output.
+        refine_kwargs = dict(refine_kwargs or {})
+        ks = sorted(set(refine_steps))
+        curves: dict[str, list[Tensor]] = {}
+        for s in _slices(n, batch_size) if ks else []:
+            path = refinement_path(model, family, x[s], lam_q[s], ks, **refine_kwargs)
+            for k, lam_k, spent in path:
+                with torch.no_grad():
+                    value, se = elbo(model, family, lam_k, x[s], elbo_samples, stderr=True)
+                curves.setdefault(f"elbo_refined/{k}", []).append(value)
+                curves.setdefault(f"elbo_refined/{k}_se", []).append(se)
+                seconds[f"refine/{k}"] = seconds.get(f"refine/{k}", 0.0) + spent / n
+        per.update({key: torch.cat(parts) for key, parts in curves.items()})
 
         # Per-datapoint route: optimise lambda_i for each family.
         lam_star: dict[str, Tensor] = {}
@@ -293,6 +322,7 @@ def gap_report(
             "elbo_samples": elbo_samples,
             "local_init": local_init,
             "local_kwargs": local_kwargs,
+            "refine_kwargs": refine_kwargs,
             "log_px_methods": estimates,
             "stderr": "Monte Carlo standard error of the mean over datapoints",
         },
@@ -322,6 +352,9 @@ def _summarise(
         )
         for name in families
     }
+    refined = sorted(
+        int(k.split("/")[1]) for k in per if k.startswith("elbo_refined/") and "_se" not in k
+    )
     return GapReport(
         n=log_px.numel(),
         encoder_family=encoder_family,
@@ -341,6 +374,10 @@ def _summarise(
         seconds_per_datapoint=seconds,
         settings=settings,
         local_fit=local_fit,
+        refinement={
+            str(k): _quantity(per[f"elbo_refined/{k}"], per[f"elbo_refined/{k}_se"])
+            for k in refined
+        },
         per_datapoint={k: v.detach().cpu().numpy() for k, v in per.items()},
     )
 

@@ -15,7 +15,13 @@ matplotlib.use("Agg")  # files only; no display is needed or used
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_gap_bars", "plot_training_curves", "plot_gap_histograms", "plot_images"]
+__all__ = [
+    "plot_gap_bars",
+    "plot_training_curves",
+    "plot_gap_histograms",
+    "plot_images",
+    "plot_bound_against_cost",
+]
 
 
 def _save(fig, path: str | Path, tight: bool = True) -> Path:
@@ -78,6 +84,31 @@ def plot_gap_histograms(amortization: dict[str, np.ndarray], path: str | Path) -
     ax.set_xlabel("amortization gap L[q*] - L[q] (nats)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bound_against_cost(
+    routes: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path
+) -> Path:
+    """The bound each inference route reaches against its time per datapoint.
+
+    ``routes[split][route] = [(seconds per datapoint, nats), ...]``; a route whose time is
+    NaN (log p(x)) is drawn as a horizontal line.
+    """
+    fig, axes = plt.subplots(1, len(routes), figsize=(5 * len(routes), 3.6), squeeze=False)
+    for ax, (split, by_route) in zip(axes[0], routes.items(), strict=True):
+        for i, (route, points) in enumerate(by_route.items()):
+            t, value = np.array(points, dtype=float).T
+            if np.isnan(t).all():
+                ax.axhline(value[0], color="k", ls="--", lw=1, label=route)
+                continue
+            ax.plot(t * 1e3, value, "o-" if len(t) > 1 else "s", color=f"C{i}", label=route)
+        ax.set_xscale("log")
+        ax.set_xlabel("inference time per datapoint (ms)")
+        ax.set_ylabel("nats per datapoint")
+        ax.set_title(split)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 

@@ -17,7 +17,7 @@ depend on what else is in its batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ from .estimators import elbo
 from .families import VariationalFamily
 from .model import LatentVariableModel
 
-__all__ = ["refine", "refinement_curve", "RefinementPoint"]
+__all__ = ["refine", "refinement_path", "refinement_curve", "RefinementPoint"]
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 
@@ -142,6 +142,37 @@ class RefinementPoint:
     seconds_per_datapoint: float
 
 
+def refinement_path(
+    model: LatentVariableModel,
+    family: VariationalFamily,
+    x: Tensor,
+    lam: Tensor,
+    steps: Sequence[int],
+    **refine_kwargs,
+) -> Iterator[tuple[int, Tensor, float]]:
+    """Yield ``(K, lambda_K, seconds)`` for each K in ``steps``, refining once to max(K).
+
+    ``seconds`` is the wall-clock time of the K refinement steps (what a user refining K
+    steps pays), not counting whatever the caller does between yields.
+    """
+    wanted = sorted(set(steps))
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"steps must be non-negative integers, got {steps}")
+    settings = {"method": "adam", "lr": 0.02, "momentum": None, "max_grad_norm": 5.0,
+                "samples": 1, "beta": 1.0, "analytic_kl": True, **refine_kwargs}  # fmt: skip
+    _check(family, x, lam, settings["method"])
+    settings["momentum"] = _default_momentum(settings["method"], settings["momentum"])
+    if wanted[0] == 0:
+        yield 0, lam.detach(), 0.0
+    seconds, start = 0.0, time.perf_counter()
+    refined = _steps(model, family, x, lam, wanted[-1], create_graph=False, **settings)
+    for k, lam_k in enumerate(refined, start=1):
+        if k in wanted:
+            seconds += time.perf_counter() - start
+            yield k, lam_k, seconds
+            start = time.perf_counter()
+
+
 def refinement_curve(
     model: LatentVariableModel,
     family: VariationalFamily,
@@ -156,30 +187,12 @@ def refinement_curve(
 
     The refinement runs once, to ``max(steps)``; the bound is evaluated (with
     ``elbo_samples`` draws) where the curve asks, and the time per datapoint counts the
-    refinement steps only, as a user refining K steps would pay.
+    refinement steps only.
     """
-    wanted = sorted(set(steps))
-    if not wanted or wanted[0] < 0:
-        raise ValueError(f"steps must be non-negative integers, got {steps}")
-    n = x.shape[0]
-
-    def point(k: int, lam_k: Tensor, seconds: float) -> RefinementPoint:
+    n, points = x.shape[0], []
+    for k, lam_k, seconds in refinement_path(model, family, x, lam, steps, **refine_kwargs):
         with torch.no_grad():
             value, se = elbo(model, family, lam_k, x, elbo_samples, stderr=True)
-        return RefinementPoint(
-            k, float(value.mean()), float(se.square().sum().sqrt() / n), seconds / n
-        )
-
-    settings = {"method": "adam", "lr": 0.02, "momentum": None, "max_grad_norm": 5.0,
-                "samples": 1, "beta": 1.0, "analytic_kl": True, **refine_kwargs}  # fmt: skip
-    _check(family, x, lam, settings["method"])
-    settings["momentum"] = _default_momentum(settings["method"], settings["momentum"])
-    points = [point(0, lam.detach(), 0.0)] if wanted[0] == 0 else []
-    seconds, start = 0.0, time.perf_counter()
-    refined = _steps(model, family, x, lam, wanted[-1], create_graph=False, **settings)
-    for k, lam_k in enumerate(refined, start=1):
-        if k in wanted:
-            seconds += time.perf_counter() - start
-            points.append(point(k, lam_k, seconds))
-            start = time.perf_counter()
+        mean, stderr = float(value.mean()), float(se.square().sum().sqrt() / n)
+        points.append(RefinementPoint(k, mean, stderr, seconds / n))
     return points
