@@ -51,6 +51,19 @@ class TrainConfig:
     family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
     objective: str = field(default="elbo", metadata=_help("elbo or iwae"))
     samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)"))
+    inference: str = field(
+        default="amortized",
+        metadata=_help(
+            "amortized (the VAE); savae: the encoder's output refined by svi_steps steps, "
+            "trained end to end through them (Kim et al. 2018); vae+svi: the same steps, "
+            "the encoder trained on its own bound; svi: the steps from the prior, no encoder"
+        ),
+    )
+    svi_steps: int = field(default=20, metadata=_help("refinement steps of savae/vae+svi/svi"))
+    svi_lr: float = field(default=0.02, metadata=_help("step size of those refinement steps"))
+    svi_method: str = field(
+        default="adam", metadata=_help("adam, or sgd (momentum 0.5, as in Kim et al. 2018)")
+    )
     epochs: int = field(default=100, metadata=_help("maximum training epochs"))
     batch_size: int = field(default=100, metadata=_help("minibatch size"))
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))

@@ -37,6 +37,7 @@ from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound
 from .families import VariationalFamily
 from .model import LatentVariableModel
+from .refine import METHODS, refine
 from .registry import FAMILIES
 
 __all__ = [
@@ -78,6 +79,10 @@ def validate(config: TrainConfig) -> None:
         (config.batch_size >= 1, "batch_size must be >= 1"),
         (config.lr > 0 and math.isfinite(config.lr), "lr must be a positive number"),
         (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
+        (config.inference in INFERENCE, f"inference must be one of {INFERENCE}"),
+        (config.svi_steps >= 0, "svi_steps must be >= 0"),
+        (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
+        (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
         (config.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
         (config.patience >= 1, "patience must be >= 1"),
         (config.valid_samples >= 1, "valid_samples must be >= 1"),
@@ -148,6 +153,10 @@ def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
     return x[rows]
 
 
+#: How q is computed in training: ``TrainConfig.inference``.
+INFERENCE = ("amortized", "savae", "vae+svi", "svi")
+
+
 def bound(
     model: LatentVariableModel,
     encoder: nn.Module,
@@ -158,22 +167,89 @@ def bound(
     beta: float = 1.0,
 ) -> Tensor:
     """The training objective per datapoint, ``(batch,)``: ELBO or IWAE-k at q = encoder(x)."""
-    lam = encoder(x)  # (batch, num_params)
+    return _objective(model, family, encoder(x), x, objective, samples, beta)
+
+
+def _objective(model, family, lam, x, objective, samples, beta) -> Tensor:
     if objective == "iwae":
         return iwae_bound(model, family, lam, x, samples, beta=beta)
     return elbo(model, family, lam, x, samples, beta=beta)
 
 
-@torch.no_grad()
+def _svi(config: TrainConfig) -> dict:
+    return {"steps": config.svi_steps, "method": config.svi_method, "lr": config.svi_lr}
+
+
+def training_bounds(
+    config: TrainConfig,
+    model: LatentVariableModel,
+    encoder: nn.Module,
+    family: VariationalFamily,
+    x: Tensor,
+    beta: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """The bounds, ``(batch,)`` each, whose gradients train the model and the encoder.
+
+    - ``amortized``: both are the bound at lambda_0 = encoder(x).
+    - ``savae``: both are the bound at lambda_K, K refinement steps from lambda_0, with
+      the graph of every step kept, so the encoder learns through the steps (exact
+      second-order autograd) and the model through lambda_K's dependence on it too.
+    - ``vae+svi``: the model's is the bound at lambda_K refined from a detached
+      lambda_0; the encoder's is its own bound at lambda_0.
+    - ``svi``: the model's is the bound at lambda_K refined from the prior; no encoder.
+
+    The same tensor is returned twice where model and encoder share the objective.
+    """
+    args = (config.objective, config.samples, beta)
+    if config.inference == "amortized":
+        value = _objective(model, family, encoder(x), x, *args)
+        return value, value
+    if config.inference == "svi":
+        lam0 = family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
+        lam = refine(model, family, x, lam0, beta=beta, **_svi(config))
+        return _objective(model, family, lam, x, *args), None
+    lam0 = encoder(x)
+    if config.inference == "savae":
+        lam = refine(model, family, x, lam0, beta=beta, create_graph=True, **_svi(config))
+        value = _objective(model, family, lam, x, *args)
+        return value, value
+    lam = refine(model, family, x, lam0, beta=beta, **_svi(config))  # vae+svi
+    return _objective(model, family, lam, x, *args), _objective(model, family, lam0, x, *args)
+
+
 def evaluate_elbo(
-    model, encoder, family, x: Tensor, samples: int = 10, batch_size: int = 1000
+    model,
+    encoder,
+    family,
+    x: Tensor,
+    samples: int = 10,
+    batch_size: int = 1000,
+    config: TrainConfig | None = None,
 ) -> float:
-    """Mean ELBO of the encoder's q over x."""
+    """Mean ELBO over x of the encoder's q, or of the q a config's inference refines."""
     total = 0.0
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
-        total += float(elbo(model, family, encoder(xb), xb, samples).sum())
+        inference = config.inference if config is not None else "amortized"
+        with torch.no_grad():
+            if inference == "svi":
+                lam = family.prior_init(xb.shape[0], device=xb.device, dtype=xb.dtype)
+            else:
+                lam = encoder(xb)
+        if inference != "amortized":
+            lam = refine(model, family, xb, lam, **_svi(config))
+        with torch.no_grad():
+            total += float(elbo(model, family, lam, xb, samples).sum())
     return total / x.shape[0]
+
+
+def _backward(loss: Tensor, parameters) -> None:
+    """Accumulate d loss / d parameter into ``.grad`` of these parameters only."""
+    params = [p for p in parameters if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _clone_state(module: nn.Module) -> dict[str, Tensor]:
@@ -268,20 +344,28 @@ def train(
             if dynamic:
                 xb = binarize(xb, generator=binarize_rng)
             beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-            loss = -bound(model, encoder, family, xb, config.objective, config.samples, beta)
-            loss = loss.mean()
+            model_bound, encoder_bound = training_bounds(config, model, encoder, family, xb, beta)
+            loss = -model_bound.mean()
             step += 1
-            if not torch.isfinite(loss):
+            encoder_loss = None if encoder_bound is None else -encoder_bound.mean()
+            if not torch.isfinite(loss) or (
+                encoder_loss is not None and not encoder_loss.isfinite()
+            ):
                 skipped += 1
                 warnings.warn(f"non-finite loss at step {step}; step skipped", stacklevel=1)
                 continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if encoder_bound is model_bound:
+                loss.backward()
+            else:  # each part learns from its own bound
+                _backward(loss, model.parameters())
+                if encoder_loss is not None:
+                    _backward(encoder_loss, encoder.parameters())
             optimizer.step()
             total_loss += float(loss.detach()) * xb.shape[0]
         model.eval()
         encoder.eval()
-        valid = evaluate_elbo(model, encoder, family, valid_x, config.valid_samples)
+        valid = evaluate_elbo(model, encoder, family, valid_x, config.valid_samples, config=config)
         epoch += 1
         if valid > best:
             best, bad_epochs = valid, 0
