@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from amortized import gap_report
 from amortized.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from amortized.config import ConfigError, TrainConfig, load_config, save_config
 from amortized.data import Dataset, load_dataset
-from amortized.train import INFERENCE, build, load_run, train, training_bounds
+from amortized.iterative import IterativeEncoder
+from amortized.train import build, load_run, train, training_bounds
 
 TINY = dict(latent_dim=2, hidden=(16,), epochs=4, batch_size=50, progress=False, patience=50)
 
@@ -205,12 +208,25 @@ def test_iaf_family_trains_its_shared_weights_and_burda_schedule_sets_the_rate(t
         torch.testing.assert_close(reloaded.encoder(x), trained.encoder(x))
 
 
-@pytest.mark.parametrize("inference", ["savae", "vae+svi", "svi"])
+@pytest.mark.parametrize("inference", ["savae", "vae+svi", "svi", "iterative"])
 def test_semi_amortized_and_svi_training_improve_the_refined_bound(tiny_data, tmp_path, inference):
-    config = TrainConfig(**{**TINY, "epochs": 3}, inference=inference, svi_steps=3)
-    train(config, tmp_path, dataset=tiny_data)
+    config = TrainConfig(**{**TINY, "epochs": 3}, inference=inference, svi_steps=3, iterations=2)
+    trained = train(config, tmp_path, dataset=tiny_data)
     metrics = _metrics(tmp_path)
     assert metrics[-1]["best_valid_elbo"] > metrics[0]["valid_elbo"]
+    # the run reloads, and its encoder serves the gap report like any other
+    reloaded = load_run(tmp_path)
+    x = tiny_data.test[:6].bernoulli(generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        first = trained.encoder(x)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encoder(x), first)
+    report = gap_report(reloaded.model, x, reloaded.encoder, reloaded.family, iwae_k=10,
+                        elbo_samples=10, local_kwargs={"steps": 5},
+                        refine_steps=(0, 2))  # fmt: skip
+    assert math.isfinite(report.amortization_gap.mean)
 
 
 def test_each_inference_mode_routes_gradients_as_documented(tiny_data):
@@ -225,7 +241,7 @@ def test_each_inference_mode_routes_gradients_as_documented(tiny_data):
         return [torch.zeros_like(p) if g is None else g for p, g in pairs]
 
     bounds = {}
-    for inference in INFERENCE:
+    for inference in ("amortized", "savae", "vae+svi", "svi"):  # iterative: own encoder
         config = TrainConfig(**TINY, inference=inference, svi_steps=5)
         torch.manual_seed(1)
         bounds[inference] = training_bounds(config, model, encoder, family, x)
@@ -306,3 +322,23 @@ def test_evaluation_subset_is_a_fixed_spread_out_sample():
     assert (a[1:, 0] > a[:-1, 0]).all()  # distinct rows, in data order
     assert float(a.max()) > 900 and float(a.min()) < 100  # not the first 100
     assert evaluation_subset(x, 0) is x and evaluation_subset(x, 5000) is x
+
+
+def test_iterative_update_is_a_gate_between_lambda_and_the_proposal():
+    torch.manual_seed(0)
+    model, _, family = build(TrainConfig(**TINY), 12)
+    encoder = IterativeEncoder(model, family, 12, iterations=3, hidden=(5,))
+    last = encoder.update[-1]
+    p = family.num_params
+    x = torch.ones(4, 12)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias[:p] = 0.7  # the proposal
+        last.bias[p:] = -50.0  # gate shut: take the proposal
+        torch.testing.assert_close(encoder(x), torch.full((4, p), 0.7))
+        last.bias[p:] = 50.0  # gate open: keep lambda (the prior, zeros)
+        torch.testing.assert_close(encoder(x), torch.zeros(4, p))
+        last.bias[p:] = 0.0  # half way, iterated: 0.35, 0.525, 0.6125
+        torch.testing.assert_close(encoder(x), torch.full((4, p), 0.6125))
+    with pytest.raises(ValueError, match="12 values"):
+        encoder(torch.ones(4, 5))

@@ -13,6 +13,7 @@ from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
 from .flows import InverseAutoregressiveFlow, PlanarFlow
 from .gaps import GapReport, gap_report, merge_reports
+from .iterative import IterativeEncoder
 from .local import LocalFit, fit_local
 from .model import LatentVariableModel
 from .refine import RefinementPoint, refine, refinement_curve
@@ -27,6 +28,7 @@ __all__ = [
     "PlanarFlow",
     "InverseAutoregressiveFlow",
     "MLPEncoder",
+    "IterativeEncoder",
     "BernoulliMLPDecoder",
     "GaussianMLPDecoder",
     "elbo",

@@ -56,9 +56,11 @@ class TrainConfig:
         metadata=_help(
             "amortized (the VAE); savae: the encoder's output refined by svi_steps steps, "
             "trained end to end through them (Kim et al. 2018); vae+svi: the same steps, "
-            "the encoder trained on its own bound; svi: the steps from the prior, no encoder"
+            "the encoder trained on its own bound; svi: the steps from the prior, no encoder; "
+            "iterative: a learned update network (Marino et al. 2018)"
         ),
     )
+    iterations: int = field(default=5, metadata=_help("updates of iterative inference"))
     svi_steps: int = field(default=20, metadata=_help("refinement steps of savae/vae+svi/svi"))
     svi_lr: float = field(default=0.02, metadata=_help("step size of those refinement steps"))
     svi_method: str = field(

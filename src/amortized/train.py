@@ -36,6 +36,7 @@ from .decoders import DECODERS
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound
 from .families import VariationalFamily
+from .iterative import IterativeEncoder
 from .model import LatentVariableModel
 from .refine import METHODS, refine
 from .registry import FAMILIES
@@ -81,6 +82,7 @@ def validate(config: TrainConfig) -> None:
         (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
         (config.inference in INFERENCE, f"inference must be one of {INFERENCE}"),
         (config.svi_steps >= 0, "svi_steps must be >= 0"),
+        (config.iterations >= 1, "iterations must be >= 1"),
         (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
         (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
         (config.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -125,7 +127,13 @@ def build(
         config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
     )
     model = LatentVariableModel(decoder, config.latent_dim)
-    encoder = MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
+    if config.inference == "iterative":
+        encoder = IterativeEncoder(
+            model, family, data_dim, iterations=config.iterations, hidden=config.hidden,
+            activation=config.activation,
+        )  # fmt: skip
+    else:
+        encoder = MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
     return model, encoder, family
 
 
@@ -154,7 +162,7 @@ def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
 
 
 #: How q is computed in training: ``TrainConfig.inference``.
-INFERENCE = ("amortized", "savae", "vae+svi", "svi")
+INFERENCE = ("amortized", "savae", "vae+svi", "svi", "iterative")
 
 
 def bound(
@@ -198,9 +206,17 @@ def training_bounds(
       lambda_0; the encoder's is its own bound at lambda_0.
     - ``svi``: the model's is the bound at lambda_K refined from the prior; no encoder.
 
+    - ``iterative``: both are the bound averaged over the T iterates of the learned
+      update network (Marino et al. 2018).
+
     The same tensor is returned twice where model and encoder share the objective.
     """
     args = (config.objective, config.samples, beta)
+    if config.inference == "iterative":
+        iterates = encoder.trajectory(x)
+        value = torch.stack([_objective(model, family, lam, x, *args) for lam in iterates])
+        value = value.mean(0)
+        return value, value
     if config.inference == "amortized":
         value = _objective(model, family, encoder(x), x, *args)
         return value, value
@@ -231,6 +247,7 @@ def evaluate_elbo(
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
         inference = config.inference if config is not None else "amortized"
+        inference = "amortized" if inference == "iterative" else inference  # its encoder
         with torch.no_grad():
             if inference == "svi":
                 lam = family.prior_init(xb.shape[0], device=xb.device, dtype=xb.dtype)
