@@ -342,3 +342,33 @@ def test_iterative_update_is_a_gate_between_lambda_and_the_proposal():
         torch.testing.assert_close(encoder(x), torch.full((4, p), 0.6125))
     with pytest.raises(ValueError, match="12 values"):
         encoder(torch.ones(4, 5))
+
+
+def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
+    tiny_data, tmp_path, monkeypatch
+):
+    import amortized.train as train_module
+
+    real, calls = train_module.training_bounds, {"n": 0}
+
+    def sabotaged(config, model, encoder, family, x, beta=1.0):
+        calls["n"] += 1
+        value, _ = real(config, model, encoder, family, x, beta)
+        if calls["n"] == 2:  # finite loss, NaN gradient: d sqrt(u)/du at u = 0 times 0
+            u = sum(p.sum() for p in model.parameters()) * 0
+            value = value + torch.sqrt(u)
+        if calls["n"] == 4:  # non-finite loss
+            value = value * float("nan")
+        return value, value
+
+    monkeypatch.setattr(train_module, "training_bounds", sabotaged)
+    with pytest.warns(UserWarning, match="non-finite") as caught:
+        trained = train(TrainConfig(**{**TINY, "epochs": 1}), tmp_path, dataset=tiny_data)
+    messages = [str(w.message) for w in caught]
+    assert any("non-finite gradient at step 2" in m for m in messages)
+    assert any("non-finite loss at step 4" in m for m in messages)
+    assert _metrics(tmp_path)[0]["skipped_steps"] == 2
+    for p in [*trained.model.parameters(), *trained.encoder.parameters()]:
+        assert torch.isfinite(p).all()
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())

@@ -260,6 +260,13 @@ def evaluate_elbo(
     return total / x.shape[0]
 
 
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one device sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
+    return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+
+
 def _backward(loss: Tensor, parameters) -> None:
     """Accumulate d loss / d parameter into ``.grad`` of these parameters only."""
     params = [p for p in parameters if p.requires_grad]
@@ -378,6 +385,11 @@ def train(
                 _backward(loss, model.parameters())
                 if encoder_loss is not None:
                     _backward(encoder_loss, encoder.parameters())
+            if not _finite_gradients(optimizer):
+                skipped += 1
+                warnings.warn(f"non-finite gradient at step {step}; step skipped", stacklevel=1)
+                optimizer.zero_grad(set_to_none=True)
+                continue
             optimizer.step()
             total_loss += float(loss.detach()) * xb.shape[0]
         model.eval()
