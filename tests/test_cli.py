@@ -104,3 +104,11 @@ def test_study_of_an_untrained_model(tiny_npz, tmp_path):
                  "--iwae-k", "5", "--elbo-samples", "4", "--local-steps", "5",
                  "--max-points", "10"]) == 0  # fmt: skip
     assert "0 epochs." in (run / "report.md").read_text()
+
+
+def test_training_plot_survives_epochs_without_finite_values(tmp_path):
+    from amortized.plots import plot_training_curves
+
+    metrics = [{"epoch": e, "train_loss": 100.0 - e, "valid_elbo": -101.0 + e} for e in range(5)]
+    metrics += [{"epoch": 5, "train_loss": float("nan"), "valid_elbo": float("nan")}]
+    assert plot_training_curves(metrics, tmp_path / "t.png").stat().st_size > 0

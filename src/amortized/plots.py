@@ -65,9 +65,12 @@ def plot_training_curves(metrics: Sequence[dict], path: str | Path) -> Path:
     ax.plot(epochs, [m["valid_elbo"] for m in metrics], label="validation ELBO")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per datapoint")
-    if len(metrics) > 1:  # the first epochs are far below the rest; keep the scale readable
-        low = np.percentile([m["valid_elbo"] for m in metrics], 5)
-        high = max(max(-m["train_loss"] for m in metrics), max(m["valid_elbo"] for m in metrics))
+    valid = np.array([m["valid_elbo"] for m in metrics], dtype=float)
+    train = -np.array([m["train_loss"] for m in metrics], dtype=float)
+    valid, both = valid[np.isfinite(valid)], np.concatenate([train, valid])
+    both = both[np.isfinite(both)]
+    if len(valid) > 1:  # the first epochs are far below the rest; keep the scale readable
+        low, high = np.percentile(valid, 5), both.max()  # non-finite epochs are left out
         ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -362,7 +362,7 @@ def train(
             group["lr"] = learning_rate(config, epoch)
         model.train()
         encoder.train()
-        total_loss, skipped = 0.0, 0
+        total_loss, seen, skipped = 0.0, 0, 0
         for idx in torch.randperm(n, generator=order_rng).split(config.batch_size):
             xb = train_x[idx.to(device)]  # (batch, data_dim)
             if dynamic:
@@ -392,6 +392,7 @@ def train(
                 continue
             optimizer.step()
             total_loss += float(loss.detach()) * xb.shape[0]
+            seen += xb.shape[0]
         model.eval()
         encoder.eval()
         valid = evaluate_elbo(model, encoder, family, valid_x, config.valid_samples, config=config)
@@ -406,7 +407,7 @@ def train(
             "step": step,
             "beta": beta,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total_loss / n,
+            "train_loss": total_loss / seen if seen else float("nan"),  # over steps taken
             "valid_elbo": valid,
             "best_valid_elbo": best,
             "skipped_steps": skipped,
