@@ -128,7 +128,10 @@ def _steps(
             second = ADAM_BETA2 * second + (1 - ADAM_BETA2) * grad.square()
             m_hat = velocity / (1 - momentum**k)
             v_hat = second / (1 - ADAM_BETA2**k)
-            lam = lam + lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+            # sqrt(v + eps^2) rather than sqrt(v): the same step where v >> eps^2, and a
+            # finite derivative where a gradient entry is exactly 0 (sqrt'(0) is infinite,
+            # and inf * 0 would put NaN into everything trained through the steps)
+            lam = lam + lr * m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)
         yield lam if create_graph else lam.detach()
 
 
