@@ -48,9 +48,12 @@ class MLPEncoder(nn.Module):
         self.net = nn.Sequential(*body, family.amortized_head(head_in))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.reshape(x.shape[0], -1)  # (batch, data_dim)
-        if x.shape[1] != self.data_dim:
-            raise ValueError(
-                f"MLPEncoder expects {self.data_dim} values per datapoint, got {x.shape[1]}"
-            )
-        return self.net(x)  # (batch, num_params)
+        return self.net(flat_data(x, self.data_dim, "MLPEncoder"))  # (batch, num_params)
+
+
+def flat_data(x: Tensor, data_dim: int, who: str) -> Tensor:
+    """x as ``(batch, data_dim)``, or a ValueError naming ``who`` and the sizes."""
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[1] != data_dim:
+        raise ValueError(f"{who} expects {data_dim} values per datapoint, got {x.shape[1]}")
+    return x

@@ -80,6 +80,14 @@ class PlanarTransform(Transform):
         return torch.log(torch.abs(1 + (1 - torch.tanh(a).square()) * wu))
 
 
+def _flow_of_base_mean(family, lam: Tensor) -> Tensor:
+    """The family's transforms applied to its base Gaussian's mean (lam's first D entries)."""
+    z = lam[..., : family.latent_dim]
+    for t in family.transforms(lam):
+        z = t(z)
+    return z
+
+
 class PlanarFlow(VariationalFamily):
     r"""q(z; lam): N(mu, diag(sigma^2)) followed by ``layers`` planar maps, all per datapoint.
 
@@ -131,10 +139,7 @@ class PlanarFlow(VariationalFamily):
 
     def mean(self, lam: Tensor) -> Tensor:
         """E_q[z] has no closed form; the flow applied to the base mean is returned."""
-        z = lam[..., : self.latent_dim]
-        for t in self.transforms(lam):
-            z = t(z)
-        return z
+        return _flow_of_base_mean(self, lam)
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         flows = self.prior_init(1, loc.device, loc.dtype)[0, 2 * self.latent_dim :]
@@ -319,10 +324,7 @@ class InverseAutoregressiveFlow(VariationalFamily):
 
     def mean(self, lam: Tensor) -> Tensor:
         """E_q[z] has no closed form; the flow applied to the base mean is returned."""
-        z = lam[..., : self.latent_dim]
-        for t in self.transforms(lam):
-            z = t(z)
-        return z
+        return _flow_of_base_mean(self, lam)
 
     def amortized_head(self, in_features: int) -> nn.Module:
         return IAFHead(self, in_features)

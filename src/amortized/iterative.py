@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .encoders import flat_data
 from .estimators import elbo
 from .families import VariationalFamily
 from .model import LatentVariableModel
@@ -93,11 +94,7 @@ class IterativeEncoder(nn.Module):
 
     def trajectory(self, x: Tensor) -> list[Tensor]:
         """lambda_1, ..., lambda_T for data x; lambda_0 is the prior."""
-        x = x.reshape(x.shape[0], -1)
-        if x.shape[1] != self.data_dim:
-            raise ValueError(
-                f"IterativeEncoder expects {self.data_dim} values per datapoint, got {x.shape[1]}"
-            )
+        x = flat_data(x, self.data_dim, "IterativeEncoder")
         lam = self.family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
         out = []
         for _ in range(self.iterations):

@@ -16,6 +16,7 @@ depend on what else is in its batch.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,14 @@ def _steps(
         yield lam if create_graph else lam.detach()
 
 
+#: refine's step settings and their defaults (one source: refine's signature)
+_STEP_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(refine).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("steps", "create_graph")
+}
+
+
 @dataclass
 class RefinementPoint:
     """L[q] after ``steps`` refinement steps, and what it cost per datapoint."""
@@ -161,8 +170,10 @@ def refinement_path(
     wanted = sorted(set(steps))
     if not wanted or wanted[0] < 0:
         raise ValueError(f"steps must be non-negative integers, got {steps}")
-    settings = {"method": "adam", "lr": 0.02, "momentum": None, "max_grad_norm": 5.0,
-                "samples": 1, "beta": 1.0, "analytic_kl": True, **refine_kwargs}  # fmt: skip
+    unknown = set(refine_kwargs) - set(_STEP_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown refinement setting(s) {sorted(unknown)}")
+    settings = {**_STEP_DEFAULTS, **refine_kwargs}
     _check(family, x, lam, settings["method"])
     settings["momentum"] = _default_momentum(settings["method"], settings["momentum"])
     if wanted[0] == 0:

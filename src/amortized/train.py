@@ -165,23 +165,17 @@ def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
 INFERENCE = ("amortized", "savae", "vae+svi", "svi", "iterative")
 
 
-def bound(
-    model: LatentVariableModel,
-    encoder: nn.Module,
-    family: VariationalFamily,
-    x: Tensor,
-    objective: str,
-    samples: int,
-    beta: float = 1.0,
-) -> Tensor:
-    """The training objective per datapoint, ``(batch,)``: ELBO or IWAE-k at q = encoder(x)."""
-    return _objective(model, family, encoder(x), x, objective, samples, beta)
-
-
 def _objective(model, family, lam, x, objective, samples, beta) -> Tensor:
     if objective == "iwae":
         return iwae_bound(model, family, lam, x, samples, beta=beta)
     return elbo(model, family, lam, x, samples, beta=beta)
+
+
+def _initial_lam(inference: str, encoder: nn.Module, family: VariationalFamily, x: Tensor):
+    """lambda_0: the prior for ``svi``, else the encoder's output."""
+    if inference == "svi":
+        return family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
+    return encoder(x)
 
 
 def _svi(config: TrainConfig) -> dict:
@@ -217,14 +211,13 @@ def training_bounds(
         value = torch.stack([_objective(model, family, lam, x, *args) for lam in iterates])
         value = value.mean(0)
         return value, value
+    lam0 = _initial_lam(config.inference, encoder, family, x)
     if config.inference == "amortized":
-        value = _objective(model, family, encoder(x), x, *args)
+        value = _objective(model, family, lam0, x, *args)
         return value, value
     if config.inference == "svi":
-        lam0 = family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
         lam = refine(model, family, x, lam0, beta=beta, **_svi(config))
         return _objective(model, family, lam, x, *args), None
-    lam0 = encoder(x)
     if config.inference == "savae":
         lam = refine(model, family, x, lam0, beta=beta, create_graph=True, **_svi(config))
         value = _objective(model, family, lam, x, *args)
@@ -249,10 +242,7 @@ def evaluate_elbo(
         inference = config.inference if config is not None else "amortized"
         inference = "amortized" if inference == "iterative" else inference  # its encoder
         with torch.no_grad():
-            if inference == "svi":
-                lam = family.prior_init(xb.shape[0], device=xb.device, dtype=xb.dtype)
-            else:
-                lam = encoder(xb)
+            lam = _initial_lam(inference, encoder, family, xb)
         if inference != "amortized":
             lam = refine(model, family, xb, lam, **_svi(config))
         with torch.no_grad():
