@@ -62,6 +62,14 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     assert "amortization gap" in capsys.readouterr().out
     assert json.loads((run / "gaps_valid.json").read_text())["n"] == 50
 
+    # refinement by SA-VAE's momentum SGD instead of Adam
+    assert main(["gap", str(run), "--iwae-k", "10", "--elbo-samples", "5", "--local-steps", "10",
+                 "--refine-steps", "0,3", "--refine-method", "sgd", "--refine-lr", "0.01",
+                 "--output", str(run / "sgd.json"), "--no-progress"]) == 0  # fmt: skip
+    sgd = json.loads((run / "sgd.json").read_text())
+    assert list(sgd["refinement"]) == ["0", "3"]
+    assert sgd["settings"]["refine_kwargs"]["method"] == "sgd"
+
 
 @pytest.mark.parametrize(
     "argv, message",
@@ -72,6 +80,7 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
         (["train", "--dataset", "nosuch.npz"], "nosuch.npz"),
         (["train", "--config", "missing.toml"], "config file not found"),
         (["gap", "no-such-run"], "no trained model in no-such-run"),
+        (["study", "--refine-method", "newton"], "refine_method must be one of"),
     ],
 )
 def test_bad_values_give_one_line_errors(argv, message, tmp_path, capsys, monkeypatch):

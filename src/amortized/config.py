@@ -106,9 +106,12 @@ class GapConfig:
     )
     refine_steps: tuple[int, ...] = field(
         default=(),
-        metadata=_help("refinement curve: L[q] after K Adam steps from the encoder, e.g. 0,5,20"),
+        metadata=_help("refinement curve: L[q] after K steps from the encoder, e.g. 0,5,20"),
     )
-    refine_lr: float = field(default=0.02, metadata=_help("Adam step size of the refinement"))
+    refine_lr: float = field(default=0.02, metadata=_help("step size of the refinement"))
+    refine_method: str = field(
+        default="adam", metadata=_help("adam, or sgd (momentum 0.5, as in Kim et al. 2018)")
+    )
     split: str = field(default="test", metadata=_help("train, valid or test"))
     max_points: int = field(
         default=0, metadata=_help("evaluate a fixed random subset of N points (0: all)")

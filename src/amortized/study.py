@@ -27,17 +27,25 @@ from .plots import (
     plot_images,
     plot_training_curves,
 )
+from .refine import METHODS
 from .registry import FAMILIES
 from .train import Trained, evaluation_subset, prepare_split, train
 
 __all__ = ["run_study", "measure_gaps"]
 
 
-def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bool) -> GapReport:
-    """The gap report of a trained model on data x, as a GapConfig describes it."""
+def check_gap_config(gap: GapConfig) -> None:
+    """Reject GapConfig values that cannot work, before anything expensive runs."""
     unknown = [f for f in gap.families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown family {unknown[0]!r}; choose from {sorted(FAMILIES)}")
+    if gap.refine_method not in METHODS:
+        raise ValueError(f"refine_method must be one of {METHODS}, got {gap.refine_method!r}")
+
+
+def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bool) -> GapReport:
+    """The gap report of a trained model on data x, as a GapConfig describes it."""
+    check_gap_config(gap)
     torch.manual_seed(gap.eval_seed)
     latent_dim = trained.config.latent_dim
     return gap_report(
@@ -58,7 +66,7 @@ def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bo
         },
         local_init=gap.local_init,
         refine_steps=gap.refine_steps,
-        refine_kwargs={"lr": gap.refine_lr},
+        refine_kwargs={"lr": gap.refine_lr, "method": gap.refine_method},
         batch_size=gap.eval_batch_size,
         progress=progress,
     )
@@ -67,6 +75,7 @@ def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bo
 def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume), measure gaps on a training subset and the test split, report."""
     run_dir = Path(run_dir)
+    check_gap_config(config.gap)
     started = time.perf_counter()
     dataset = load_dataset(config.train.dataset, config.train.data_dir or None)
     trained = train(config.train, run_dir, dataset=dataset)
@@ -184,6 +193,9 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+_METHOD_NAMES = {"adam": "Adam", "sgd": "momentum-SGD"}
+
+
 def _refinement_section(train_r: GapReport, test_r: GapReport, fig, gc: GapConfig) -> list[str]:
     if not test_r.refinement:
         return []
@@ -195,7 +207,7 @@ def _refinement_section(train_r: GapReport, test_r: GapReport, fig, gc: GapConfi
     return [
         "## Buying the bound back: refinement from the encoder's output",
         "",
-        f"L[q] after K Adam steps (lr {gc.refine_lr}) on each datapoint's ELBO, starting at "
+        f"L[q] after K {_METHOD_NAMES[gc.refine_method]} steps (lr {gc.refine_lr}) on each datapoint's ELBO, starting at "
         f"the encoder's output; in brackets the refinement's cost per datapoint. L[q*] "
         f"({fam}) is where the steps lead.",
         "",
