@@ -122,7 +122,8 @@ def main() -> None:
         label = "encoder (T updates)" if key == "iterative" else "encoder"
         row(f"{name}, {label}", key, r.elbo_amortized.mean, enc)
         if key != "iterative":
-            row(f"{name}, encoder + {k} steps", key, r.refinement[str(k)].mean, enc + sec[f"refine/{k}"])
+            refined = r.refinement[str(k)].mean
+            row(f"{name}, encoder + {k} steps", key, refined, enc + sec[f"refine/{k}"])
         curve = [(enc + sec[f"refine/{s}"], q.mean) for s, q in r.refinement.items()]
         curves[f"{name}: encoder + K steps"] = curve
         if key == "iterative":

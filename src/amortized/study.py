@@ -207,9 +207,9 @@ def _refinement_section(train_r: GapReport, test_r: GapReport, fig, gc: GapConfi
     return [
         "## Buying the bound back: refinement from the encoder's output",
         "",
-        f"L[q] after K {_METHOD_NAMES[gc.refine_method]} steps (lr {gc.refine_lr}) on each datapoint's ELBO, starting at "
-        f"the encoder's output; in brackets the refinement's cost per datapoint. L[q*] "
-        f"({fam}) is where the steps lead.",
+        f"L[q] after K {_METHOD_NAMES[gc.refine_method]} steps (lr {gc.refine_lr}) on each "
+        "datapoint's ELBO, starting at the encoder's output; in brackets the refinement's "
+        f"cost per datapoint. L[q*] ({fam}) is where the steps lead.",
         "",
         "| K | training subset | test |",
         "|---|---|---|",
