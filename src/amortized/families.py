@@ -197,6 +197,11 @@ class FullCovarianceGaussian(VariationalFamily):
         off = loc.new_zeros(*loc.shape[:-1], self.num_params - 2 * self.latent_dim)
         return torch.cat([loc, log_scale, off], dim=-1)
 
+    def gaussian_moments(self, lam: Tensor, samples: int = 256) -> tuple[Tensor, Tensor]:
+        """Exact: the mean and the log of sqrt(diag(L L^T))."""
+        variance = self.scale_tril(lam).square().sum(-1)  # (batch, D): rows of L
+        return self.mean(lam), 0.5 * variance.log()
+
     @staticmethod
     def params_from(loc: Tensor, scale_tril: Tensor) -> Tensor:
         """Inverse of :meth:`distribution`: ``lam`` from a mean and a Cholesky factor."""
