@@ -177,6 +177,17 @@ def test_resuming_with_another_config_is_refused(tiny_data, tmp_path):
         train(TrainConfig(**{**TINY, "lr": 0.01}), tmp_path, dataset=tiny_data)
 
 
+def test_a_run_saved_before_new_config_fields_existed_resumes(tiny_data, tmp_path):
+    config = TrainConfig(**TINY)
+    train(config, tmp_path, dataset=tiny_data)
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    del state["config"]["free_bits"], state["config"]["kl_schedule"]  # an older run's config
+    save_atomic(state, path)
+    trained = train(config, tmp_path, dataset=tiny_data)  # refused if the fields were compared
+    assert len(_metrics(tmp_path)) == 4 and trained.config == config
+
+
 def test_load_run_restores_the_best_model(tiny_data, tmp_path):
     trained = train(TrainConfig(**TINY), tmp_path, dataset=tiny_data)
     loaded = load_run(tmp_path)
@@ -277,6 +288,12 @@ def test_each_inference_mode_routes_gradients_as_documented(tiny_data):
         ({"objective": "vimco"}, "objective"),
         ({"batch_size": 0}, "batch_size"),
         ({"lr": -1.0}, "lr"),
+        ({"kl_schedule": "cosine"}, "kl_schedule"),
+        ({"free_bits": -0.5}, "free_bits must be"),
+        ({"free_bits": 0.5, "free_bits_mode": "group"}, "free_bits_mode"),
+        ({"free_bits": 0.5, "objective": "iwae"}, "free_bits needs objective elbo"),
+        ({"free_bits": 0.5, "family": "iaf"}, "closed-form KL"),
+        ({"diagnostics_points": 1}, "diagnostics_points"),
     ],
 )
 def test_bad_config_values(tiny_data, tmp_path, change, message):
@@ -372,3 +389,70 @@ def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
         assert torch.isfinite(p).all()
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_every_epoch_logs_the_latent_code_and_warns_when_it_collapses(tiny_data, tmp_path):
+    from amortized.diagnostics import latent_diagnostics
+    from amortized.train import evaluation_subset, prepare_split
+
+    config = TrainConfig(**{**TINY, "epochs": 2, "diagnostics_points": 60})
+    with pytest.warns(UserWarning, match="latent code collapsing") as caught:
+        trained = train(config, tmp_path / "a", dataset=tiny_data)
+    last = _metrics(tmp_path / "a")[-1]
+    assert len(last["kl_per_dim"]) == 2
+    assert last["kl"] == pytest.approx(sum(last["kl_per_dim"]), rel=1e-5)
+    assert 0 <= last["active_units"] <= 2 and last["mutual_information"] <= math.log(60) + 1e-6
+    assert last["collapsing"] == any("epoch 2:" in str(w.message) for w in caught)
+    # the logged values are those of the final encoder on the same validation points
+    x = evaluation_subset(prepare_split(tiny_data, "valid", "bernoulli", 0), 60, 0)
+    checkpoint = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    trained.encoder.load_state_dict(checkpoint["encoder"])
+    with torch.no_grad():
+        diag = latent_diagnostics(trained.family, trained.encoder(x), trained.model.prior)
+    assert diag.kl == pytest.approx(last["kl"], rel=1e-5)
+    assert diag.active_units == last["active_units"]
+    # off: no diagnostics in the log
+    train(TrainConfig(**{**TINY, "epochs": 1, "diagnostics_points": 0}), tmp_path / "b",
+          dataset=tiny_data)  # fmt: skip
+    assert "kl" not in _metrics(tmp_path / "b")[0]
+
+
+@pytest.mark.parametrize("mode", ["dimension", "total"])
+def test_free_bits_floor_the_kl_and_stop_its_gradient_below_the_floor(tiny_data, mode):
+    from amortized.diagnostics import kl_per_dimension
+    from amortized.estimators import elbo
+
+    torch.manual_seed(0)
+    config = TrainConfig(**{**TINY, "latent_dim": 3, "free_bits": 0.5, "free_bits_mode": mode})
+    model, encoder, family = build(config, 784)
+    x = tiny_data.train[:20].round()
+    lam = encoder(x)
+    # shrink dimension 0 toward the prior so its KL falls under the floor; widen 1 and 2
+    lam = lam * torch.tensor([0.01, 1, 1, 0.01, 1, 1]) + torch.tensor([0, 2.0, -2, 0, 0, 0])
+    lam = lam.detach().requires_grad_(True)
+    kl = kl_per_dimension(family, lam, model.prior)
+    means = kl.mean(0)
+    assert means[0] < 0.5 < means[1] and means[2] > 0.5
+    torch.manual_seed(1)
+    bound = training_bounds(config, model, encoder, family, x)[0]  # encoder's own lam
+    assert bound.shape == (20,)
+    from amortized.train import _objective
+
+    torch.manual_seed(1)
+    value = _objective(config, model, family, lam, x, beta=0.7)
+    torch.manual_seed(1)
+    reconstruction = elbo(model, family, lam, x, 1, beta=0.0)
+    if mode == "dimension":
+        floored = torch.stack([torch.full((20,), 0.5), kl[:, 1], kl[:, 2]], 1).sum(1)
+    else:  # the total is above the floor: plain KL
+        floored = kl.sum(1)
+    assert torch.allclose(value, reconstruction - 0.7 * floored, atol=1e-4)
+    (grad,) = torch.autograd.grad(value.mean(), lam)
+    # the KL of a floored dimension sends no gradient: only the likelihood moves it
+    (rec_grad,) = torch.autograd.grad(reconstruction.mean(), lam)
+    d = 3
+    for j in range(d):
+        columns = [j, d + j]
+        floored_j = mode == "dimension" and j == 0
+        same = torch.allclose(grad[:, columns], rec_grad[:, columns], atol=1e-6)
+        assert same == floored_j, (j, mode)

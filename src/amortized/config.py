@@ -78,6 +78,21 @@ class TrainConfig:
     warmup_epochs: float = field(
         default=10.0, metadata=_help("epochs over which the KL weight rises from 0 to 1")
     )
+    kl_schedule: str = field(
+        default="linear", metadata=_help("shape of that rise: linear or sigmoid")
+    )
+    free_bits: float = field(
+        default=0.0,
+        metadata=_help("free bits (Kingma et al. 2016): a KL floor in nats per minibatch; 0: off"),
+    )
+    free_bits_mode: str = field(
+        default="dimension",
+        metadata=_help("dimension (a floor on each latent dimension's KL) or total"),
+    )
+    diagnostics_points: int = field(
+        default=1000,
+        metadata=_help("validation points for the per-epoch KL, active units and I(x; z)"),
+    )
     patience: int = field(
         default=20, metadata=_help("stop after this many epochs without validation gain")
     )

@@ -57,10 +57,10 @@ def kl_per_dimension(family: VariationalFamily, lam: Tensor, prior: Distribution
     families it is the KL of each coordinate's Gaussian with q's marginal mean and
     standard deviation (:meth:`VariationalFamily.gaussian_moments`), exact for the
     full-covariance Gaussian's marginals and a moment-matched approximation for flows.
+    Differentiable in ``lam`` for the Gaussian families (free bits train through it).
     """
-    with torch.no_grad():
-        loc, log_scale = family.gaussian_moments(lam)
-        return kl_divergence(Normal(loc, log_scale.exp()), _factorized_normal(prior))
+    loc, log_scale = family.gaussian_moments(lam)
+    return kl_divergence(Normal(loc, log_scale.exp()), _factorized_normal(prior))
 
 
 def active_units(means: Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, Tensor]:
@@ -143,8 +143,8 @@ def latent_diagnostics(
     family: VariationalFamily, lam: Tensor, prior: Distribution, *, samples: int = 1
 ) -> LatentDiagnostics:
     """KL per dimension, active units and mutual information of q(z; lam) over the rows."""
-    kl = kl_per_dimension(family, lam, prior).mean(0)  # (D,)
     with torch.no_grad():
+        kl = kl_per_dimension(family, lam, prior).mean(0)  # (D,)
         means, _ = family.gaussian_moments(lam)
     count, variances = active_units(means)
     return LatentDiagnostics(

@@ -33,8 +33,9 @@ from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
 from .data import Dataset, binarize, check_data, fixed_binarization, load_dataset
 from .decoders import DECODERS
+from .diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from .encoders import MLPEncoder
-from .estimators import elbo, iwae_bound
+from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
 from .iterative import IterativeEncoder
 from .model import LatentVariableModel
@@ -86,6 +87,27 @@ def validate(config: TrainConfig) -> None:
         (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
         (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
         (config.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (config.kl_schedule in KL_SCHEDULES, f"kl_schedule must be one of {KL_SCHEDULES}"),
+        (
+            config.free_bits >= 0 and math.isfinite(config.free_bits),
+            "free_bits must be a number >= 0",
+        ),
+        (
+            config.free_bits_mode in FREE_BITS_MODES,
+            f"free_bits_mode must be one of {FREE_BITS_MODES}",
+        ),
+        (
+            config.free_bits == 0 or config.objective == "elbo",
+            "free_bits needs objective elbo (the IWAE bound has no separate KL term)",
+        ),
+        (
+            config.free_bits == 0 or config.family in CLOSED_FORM_KL,
+            f"free_bits needs a family with a closed-form KL: {CLOSED_FORM_KL}",
+        ),
+        (
+            config.diagnostics_points == 0 or config.diagnostics_points >= 2,
+            "diagnostics_points must be 0 (off) or >= 2",
+        ),
         (config.patience >= 1, "patience must be >= 1"),
         (config.valid_samples >= 1, "valid_samples must be >= 1"),
     ]
@@ -95,6 +117,30 @@ def validate(config: TrainConfig) -> None:
 
 
 LR_SCHEDULES = ("constant", "burda")
+KL_SCHEDULES = ("linear", "sigmoid")
+FREE_BITS_MODES = ("dimension", "total")
+#: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
+CLOSED_FORM_KL = ("diagonal", "fullcov")
+
+
+def kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The KL weight beta at (1-based) training ``step``: from 0 to 1 over the warm-up.
+
+    ``linear`` is Bowman et al.'s (2016) ramp; ``sigmoid`` is the logistic curve centred
+    half way through the warm-up, 1 / (1 + exp(-10 (t - 1/2))) at fraction t of it.
+
+    Example:
+        >>> c = TrainConfig(warmup_epochs=1.0, kl_schedule="sigmoid")
+        >>> [round(kl_weight(c, s, 100), 3) for s in (1, 50, 99, 100)]
+        [0.007, 0.5, 0.993, 1.0]
+    """
+    warm = config.warmup_epochs * steps_per_epoch
+    if warm <= 0 or step >= warm:
+        return 1.0
+    t = step / warm
+    if config.kl_schedule == "linear":
+        return t
+    return 1.0 / (1.0 + math.exp(-10.0 * (t - 0.5)))
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -165,10 +211,34 @@ def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
 INFERENCE = ("amortized", "savae", "vae+svi", "svi", "iterative")
 
 
-def _objective(model, family, lam, x, objective, samples, beta) -> Tensor:
-    if objective == "iwae":
-        return iwae_bound(model, family, lam, x, samples, beta=beta)
-    return elbo(model, family, lam, x, samples, beta=beta)
+def free_bits_kl(
+    model: LatentVariableModel, family: VariationalFamily, lam: Tensor, nats: float, mode: str
+) -> Tensor:
+    """Each row's KL with free bits (Kingma et al. 2016), ``(batch,)``.
+
+    The penalty is sum_j max(nats, mean over the minibatch of KL_j) over the latent
+    dimensions j (``mode="dimension"``), or max(nats, mean KL) (``"total"``): a group whose
+    minibatch-mean KL is below the floor costs the constant floor and gets no gradient.
+    Returned per row so that the mean over the minibatch is that penalty.
+    """
+    if mode == "dimension":
+        kl = kl_per_dimension(family, lam, model.prior)  # (batch, D)
+    else:
+        kl = kl_to_prior(family.distribution(lam), model.prior).unsqueeze(-1)  # (batch, 1)
+    free = kl.detach().mean(0) < nats  # (groups,)
+    return torch.where(free, torch.full_like(kl, nats), kl).sum(-1)
+
+
+def _objective(config: TrainConfig, model, family, lam, x, beta) -> Tensor:
+    """The per-row training bound at lam: ELBO (with free bits if set) or IWAE."""
+    if config.objective == "iwae":
+        return iwae_bound(model, family, lam, x, config.samples, beta=beta)
+    if config.free_bits == 0:
+        return elbo(model, family, lam, x, config.samples, beta=beta)
+    reconstruction = elbo(model, family, lam, x, config.samples, beta=0.0)
+    return reconstruction - beta * free_bits_kl(
+        model, family, lam, config.free_bits, config.free_bits_mode
+    )
 
 
 def _initial_lam(inference: str, encoder: nn.Module, family: VariationalFamily, x: Tensor):
@@ -205,25 +275,28 @@ def training_bounds(
 
     The same tensor is returned twice where model and encoder share the objective.
     """
-    args = (config.objective, config.samples, beta)
+
+    def bound(lam: Tensor) -> Tensor:
+        return _objective(config, model, family, lam, x, beta)
+
     if config.inference == "iterative":
         iterates = encoder.trajectory(x)
-        value = torch.stack([_objective(model, family, lam, x, *args) for lam in iterates])
+        value = torch.stack([bound(lam) for lam in iterates])
         value = value.mean(0)
         return value, value
     lam0 = _initial_lam(config.inference, encoder, family, x)
     if config.inference == "amortized":
-        value = _objective(model, family, lam0, x, *args)
+        value = bound(lam0)
         return value, value
     if config.inference == "svi":
         lam = refine(model, family, x, lam0, beta=beta, **_svi(config))
-        return _objective(model, family, lam, x, *args), None
+        return bound(lam), None
     if config.inference == "savae":
         lam = refine(model, family, x, lam0, beta=beta, create_graph=True, **_svi(config))
-        value = _objective(model, family, lam, x, *args)
+        value = bound(lam)
         return value, value
     lam = refine(model, family, x, lam0, beta=beta, **_svi(config))  # vae+svi
-    return _objective(model, family, lam, x, *args), _objective(model, family, lam0, x, *args)
+    return bound(lam), bound(lam0)
 
 
 def evaluate_elbo(
@@ -250,6 +323,23 @@ def evaluate_elbo(
     return total / x.shape[0]
 
 
+def _latent_record(model, encoder, family, x: Tensor, epoch: int) -> dict:
+    """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
+    collapse (:func:`amortized.diagnostics.collapse_warning`)."""
+    with torch.no_grad():
+        diag = latent_diagnostics(family, encoder(x), model.prior)
+    message = collapse_warning(diag)
+    if message is not None:
+        warnings.warn(f"epoch {epoch}: {message}", stacklevel=2)
+    return {
+        "kl": diag.kl,
+        "active_units": diag.active_units,
+        "mutual_information": diag.mutual_information,
+        "collapsing": message is not None,
+        "kl_per_dim": diag.kl_per_dim,
+    }
+
+
 def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient the optimizer would apply is finite (one device sync)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
@@ -268,6 +358,11 @@ def _backward(loss: Tensor, parameters) -> None:
 
 def _clone_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _completed(config: dict) -> dict:
+    """A saved config with the fields added since it was written set to their defaults."""
+    return to_dict(from_dict(TrainConfig, config))
 
 
 def _identity(config: dict) -> dict:
@@ -298,7 +393,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and _identity(state["config"]) != _identity(to_dict(config)):
+    if state is not None and _identity(_completed(state["config"])) != _identity(to_dict(config)):
         raise ConfigError(
             f"{run_dir} holds a run with a different config; resume it with the same settings "
             "or choose another --run-dir"
@@ -313,6 +408,9 @@ def train(
     train_x = dataset.train if dynamic else prepare_split(dataset, "train", config.likelihood)
     train_x = train_x.to(device)
     valid_x = prepare_split(dataset, "valid", config.likelihood, config.seed).to(device)
+    diagnostics_x = None  # where the latent code's use is checked every epoch
+    if config.diagnostics_points and config.inference != "svi":  # svi has no encoder
+        diagnostics_x = evaluation_subset(valid_x, config.diagnostics_points, config.seed)
 
     torch.manual_seed(config.seed)
     model, encoder, family = build(config, dataset.data_dim)
@@ -323,7 +421,6 @@ def train(
     binarize_rng = torch.Generator(device).manual_seed(config.seed + 1)
     n = train_x.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    warmup_steps = config.warmup_epochs * steps_per_epoch
 
     epoch, step, best, bad_epochs = 0, 0, -math.inf, 0
     best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
@@ -357,7 +454,7 @@ def train(
             xb = train_x[idx.to(device)]  # (batch, data_dim)
             if dynamic:
                 xb = binarize(xb, generator=binarize_rng)
-            beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+            beta = kl_weight(config, step + 1, steps_per_epoch)
             model_bound, encoder_bound = training_bounds(config, model, encoder, family, xb, beta)
             loss = -model_bound.mean()
             step += 1
@@ -403,6 +500,8 @@ def train(
             "skipped_steps": skipped,
             "seconds": time.perf_counter() - start,
         }
+        if diagnostics_x is not None:
+            record.update(_latent_record(model, encoder, family, diagnostics_x, epoch))
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         rng = {
