@@ -41,7 +41,7 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     assert main([*argv, *TINY, "--families", "fullcov"]) == 0
     for name in ("report.md", "results.json", "gaps.png", "training.png", "images.png",
                  "refinement.png", "gaps_train.json", "gaps_test.json", "config.toml",
-                 "metrics.jsonl"):  # fmt: skip
+                 "metrics.jsonl", "latent_use.png"):  # fmt: skip
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
     test = results["gaps"]["test"]
@@ -55,6 +55,9 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     assert list(test["refinement"]) == ["0", "1", "2", "5", "10", "20", "50", "100"]
     assert test["refinement"]["0"]["mean"] == pytest.approx(test["elbo_amortized"]["mean"], abs=1.0)
     assert "Buying the bound back" in report
+    latent = results["training"]["latent"]
+    assert latent["points"] == 50 and len(latent["kl_per_dim"]) == 2  # the tiny data's valid split
+    assert f"{latent['active_units']} of 2 units active" in report
     capsys.readouterr()
 
     assert main(["gap", str(run), "--split", "valid", "--iwae-k", "10", "--elbo-samples", "5",

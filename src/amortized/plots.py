@@ -77,6 +77,31 @@ def plot_training_curves(metrics: Sequence[dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_latent_use(metrics: Sequence[dict], path: str | Path) -> Path:
+    """KL per latent dimension over training (a heat map, dimensions sorted by their final
+    KL), beside the total KL, the active units and I(x; z) per epoch."""
+    epochs = np.array([m["epoch"] for m in metrics])
+    kl = np.array([m["kl_per_dim"] for m in metrics], dtype=float)  # (epochs, D)
+    order = np.argsort(-kl[-1])
+    fig, (heat, lines) = plt.subplots(1, 2, figsize=(10, 3.6))
+    image = heat.imshow(
+        np.log10(np.clip(kl[:, order].T, 1e-3, None)), aspect="auto", origin="lower",
+        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, kl.shape[1] - 0.5), cmap="viridis",
+    )  # fmt: skip
+    fig.colorbar(image, ax=heat, label="log10 KL (nats)")
+    heat.set_xlabel("epoch")
+    heat.set_ylabel("latent dimension (by final KL)")
+    heat.set_title("KL per dimension")
+    lines.plot(epochs, kl.sum(1), label="KL (nats)")
+    lines.plot(epochs, [m["mutual_information"] for m in metrics], label="I(x; z) (nats)")
+    lines.plot(epochs, [m["active_units"] for m in metrics], label="active units")
+    lines.set_xlabel("epoch")
+    lines.set_title("use of the latent code (validation points)")
+    lines.grid(alpha=0.3)
+    lines.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_gap_histograms(amortization: dict[str, np.ndarray], path: str | Path) -> Path:
     """Per-datapoint amortization gaps, one histogram per split."""
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -9,6 +9,7 @@ arrays) and the PNG figures the report shows.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from .plots import (
     plot_gap_bars,
     plot_gap_histograms,
     plot_images,
+    plot_latent_use,
     plot_training_curves,
 )
 from .refine import METHODS
@@ -108,6 +110,9 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
             "epochs": len(metrics),
             "best_valid_elbo": max(m["valid_elbo"] for m in metrics) if metrics else None,
             "seconds": train_seconds,
+            "latent": _latent_summary(
+                metrics, min(config.train.diagnostics_points, len(dataset.valid))
+            ),
         },
         "gaps": {split: r.to_dict(per_datapoint=False) for split, r in reports.items()},
         "figures": figures,
@@ -117,6 +122,14 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     (run_dir / "report.md").write_text(_report(config, results, reports))
     return results
+
+
+def _latent_summary(metrics: list[dict], points: int) -> dict[str, Any] | None:
+    """The last epoch's collapse diagnostics on ``points`` datapoints, if training logged them."""
+    if not metrics or "kl" not in metrics[-1]:
+        return None
+    keys = ("kl", "kl_per_dim", "active_units", "mutual_information", "collapsing")
+    return {k: metrics[-1][k] for k in keys} | {"points": points}
 
 
 def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]:
@@ -146,6 +159,8 @@ def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]
         ).name
     if metrics:
         figures["training"] = plot_training_curves(metrics, run_dir / "training.png").name
+        if all("kl_per_dim" in m for m in metrics):
+            figures["latent_use"] = plot_latent_use(metrics, run_dir / "latent_use.png").name
     if trained.image_shape:
         model, encoder, family = trained.model, trained.encoder, trained.family
         with torch.no_grad():
@@ -174,6 +189,22 @@ def _routes(report: GapReport) -> dict[str, list[tuple[float, float]]]:
         ],
         "log p(x)": [(float("nan"), report.log_px.mean)],
     }
+
+
+def _latent_use_section(latent: dict[str, Any], fig: dict[str, str]) -> list[str]:
+    dims = len(latent["kl_per_dim"])
+    return [
+        "## Is the latent code used?",
+        "",
+        f"At the last epoch, on {latent['points']} validation points: KL(q(z|x) || p(z)) "
+        f"{latent['kl']:.2f} nats, {latent['active_units']} of {dims} units active "
+        f"(Var_x E_q[z_u] > 0.01), I(x; z) {latent['mutual_information']:.2f} nats"
+        + f" (at most log N = {math.log(latent['points']):.2f})."
+        + (" **The latent code is collapsing.**" if latent["collapsing"] else ""),
+        "",
+        f"![KL per dimension over training]({fig['latent_use']})",
+        "",
+    ]
 
 
 def _was_trained(results: dict[str, Any]) -> bool:
@@ -299,6 +330,8 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
     ]
     if "training" in fig:
         lines += ["## Training", "", f"![training curves]({fig['training']})", ""]
+    if "latent_use" in fig:
+        lines += _latent_use_section(results["training"]["latent"], fig)
     if "images" in fig:
         lines += ["## Reconstructions and samples", "", f"![images]({fig['images']})", ""]
     m = results["machine"]
