@@ -124,3 +124,15 @@ def test_training_plot_survives_epochs_without_finite_values(tmp_path):
     metrics = [{"epoch": e, "train_loss": 100.0 - e, "valid_elbo": -101.0 + e} for e in range(5)]
     metrics += [{"epoch": 5, "train_loss": float("nan"), "valid_elbo": float("nan")}]
     assert plot_training_curves(metrics, tmp_path / "t.png").stat().st_size > 0
+
+
+def test_study_with_the_autoregressive_decoder_shows_draws(tiny_npz, tmp_path):
+    run = tmp_path / "run"
+    argv = ["study", "--dataset", str(tiny_npz), "--run-dir", str(run), "--train-subset", "20",
+            "--decoder", "pixelcnn", "--pixelcnn-channels", "4", "--pixelcnn-layers", "1",
+            "--pixelcnn-kernel", "3", "--refine-steps", "0,2", "--max-points", "20"]  # fmt: skip
+    assert main([*argv, *TINY]) == 0
+    assert (run / "images.png").is_file()
+    assert "## Is the latent code used?" in (run / "report.md").read_text()
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["train"]["decoder"] == "pixelcnn"

@@ -456,3 +456,23 @@ def test_free_bits_floor_the_kl_and_stop_its_gradient_below_the_floor(tiny_data,
         floored_j = mode == "dimension" and j == 0
         same = torch.allclose(grad[:, columns], rec_grad[:, columns], atol=1e-6)
         assert same == floored_j, (j, mode)
+
+
+def test_pixelcnn_decoder_trains_reloads_and_needs_images(tiny_data, tmp_path):
+    pixelcnn = {"decoder": "pixelcnn", "pixelcnn_channels": 4, "pixelcnn_layers": 2,
+                "pixelcnn_kernel": 3}  # fmt: skip
+    config = TrainConfig(**{**TINY, "epochs": 2, **pixelcnn})
+    trained = train(config, tmp_path / "run", dataset=tiny_data)
+    metrics = _metrics(tmp_path / "run")
+    assert all(math.isfinite(m["valid_elbo"]) for m in metrics)
+    assert metrics[-1]["valid_elbo"] > metrics[0]["valid_elbo"]
+    loaded = load_run(tmp_path / "run")
+    x, z = tiny_data.valid[:5].round(), torch.randn(3, 5, 2)
+    with torch.no_grad():
+        assert torch.equal(trained.model.log_likelihood(x, z), loaded.model.log_likelihood(x, z))
+    flat = Dataset("flat", tiny_data.train, tiny_data.valid, tiny_data.test, "dynamic", None)
+    with pytest.raises(ConfigError, match="needs images of shape"):
+        train(config, tmp_path / "flat", dataset=flat)
+    with pytest.raises(ConfigError, match="likelihood must be bernoulli"):
+        train(TrainConfig(**{**TINY, **pixelcnn, "likelihood": "gaussian"}), tmp_path / "g",
+              dataset=tiny_data)  # fmt: skip

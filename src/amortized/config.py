@@ -47,6 +47,13 @@ class TrainConfig:
     hidden: tuple[int, ...] = field(
         default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200")
     )
+    decoder: str = field(
+        default="mlp",
+        metadata=_help("mlp, or pixelcnn: autoregressive over the pixels of binary images"),
+    )
+    pixelcnn_channels: int = field(default=32, metadata=_help("channels of the PixelCNN"))
+    pixelcnn_layers: int = field(default=5, metadata=_help("gated layers of the PixelCNN"))
+    pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN"))
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
     family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
     objective: str = field(default="elbo", metadata=_help("elbo or iwae"))

@@ -165,16 +165,24 @@ def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]
         model, encoder, family = trained.model, trained.encoder, trained.family
         with torch.no_grad():
             x = test_x[:10].to(next(model.parameters()).device)
-            recon = model.likelihood(family.mean(encoder(x))).mean
             torch.manual_seed(0)
-            samples = model.sample(10, mean=True)
+            recon, what = _mean_or_draw(model.likelihood(family.mean(encoder(x))))
+            samples, _ = _mean_or_draw(model.likelihood(model.prior.sample((10,))))
         rows = {
             "test data": x.cpu().numpy(),
-            "reconstruction (mean of p(x|E[z|x]))": recon.cpu().numpy(),
-            "samples (mean of p(x|z), z ~ p(z))": samples.cpu().numpy(),
+            f"reconstruction ({what}, z = E[z|x])": recon.cpu().numpy(),
+            f"samples ({what}, z ~ p(z))": samples.cpu().numpy(),
         }
         figures["images"] = plot_images(rows, trained.image_shape, run_dir / "images.png").name
     return figures
+
+
+def _mean_or_draw(px) -> tuple[torch.Tensor, str]:
+    """E[x | z] where it has a closed form; a draw where it has none (autoregressive)."""
+    try:
+        return px.mean, "mean of p(x|z)"
+    except NotImplementedError:
+        return px.sample(), "a draw from p(x|z)"
 
 
 def _routes(report: GapReport) -> dict[str, list[tuple[float, float]]]:

@@ -39,6 +39,7 @@ from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
 from .iterative import IterativeEncoder
 from .model import LatentVariableModel
+from .pixelcnn import GatedPixelCNNDecoder
 from .refine import METHODS, refine
 from .registry import FAMILIES
 
@@ -72,6 +73,19 @@ def validate(config: TrainConfig) -> None:
     """Reject settings that cannot work, with one line naming the field."""
     checks = [
         (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
+        (config.decoder in DECODER_KINDS, f"decoder must be one of {DECODER_KINDS}"),
+        (
+            config.decoder != "pixelcnn" or config.likelihood == "bernoulli",
+            "the pixelcnn decoder models binary images: likelihood must be bernoulli",
+        ),
+        (
+            config.pixelcnn_channels >= 1 and config.pixelcnn_layers >= 1,
+            "pixelcnn_channels and pixelcnn_layers must be >= 1",
+        ),
+        (
+            config.pixelcnn_kernel >= 3 and config.pixelcnn_kernel % 2 == 1,
+            "pixelcnn_kernel must be odd and >= 3",
+        ),
         (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
         (config.objective in OBJECTIVES, f"objective must be one of {list(OBJECTIVES)}"),
         (config.latent_dim >= 1, "latent_dim must be >= 1"),
@@ -117,6 +131,7 @@ def validate(config: TrainConfig) -> None:
 
 
 LR_SCHEDULES = ("constant", "burda")
+DECODER_KINDS = ("mlp", "pixelcnn")
 KL_SCHEDULES = ("linear", "sigmoid")
 FREE_BITS_MODES = ("dimension", "total")
 #: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
@@ -164,14 +179,28 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 
 
 def build(
-    config: TrainConfig, data_dim: int
+    config: TrainConfig, data_dim: int, image_shape: tuple[int, ...] | None = None
 ) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:
-    """The model, encoder and family a config describes (freshly initialised)."""
+    """The model, encoder and family a config describes (freshly initialised).
+
+    ``image_shape`` (height, width) is needed by the PixelCNN decoder only.
+    """
     validate(config)
     family = FAMILIES[config.family](config.latent_dim)
-    decoder = DECODERS[config.likelihood](
-        config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
-    )
+    if config.decoder == "pixelcnn":
+        if image_shape is None or len(image_shape) != 2 or math.prod(image_shape) != data_dim:
+            raise ConfigError(
+                f"the pixelcnn decoder needs images of shape (height, width); this data has "
+                f"{data_dim} values per datapoint and image shape {image_shape}"
+            )
+        decoder = GatedPixelCNNDecoder(
+            config.latent_dim, image_shape, channels=config.pixelcnn_channels,
+            layers=config.pixelcnn_layers, kernel=config.pixelcnn_kernel,
+        )  # fmt: skip
+    else:
+        decoder = DECODERS[config.likelihood](
+            config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
+        )
     model = LatentVariableModel(decoder, config.latent_dim)
     if config.inference == "iterative":
         encoder = IterativeEncoder(
@@ -413,7 +442,7 @@ def train(
         diagnostics_x = evaluation_subset(valid_x, config.diagnostics_points, config.seed)
 
     torch.manual_seed(config.seed)
-    model, encoder, family = build(config, dataset.data_dim)
+    model, encoder, family = build(config, dataset.data_dim, dataset.image_shape)
     model.to(device)
     encoder.to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=config.lr)
@@ -561,7 +590,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
         )
     state = load_checkpoint(path, map_location=device)
     config = from_dict(TrainConfig, state["config"])
-    model, encoder, family = build(config, state["data_dim"])
+    image_shape = tuple(state["image_shape"]) or None
+    model, encoder, family = build(config, state["data_dim"], image_shape)
     try:
         model.load_state_dict(state["model"])
         encoder.load_state_dict(state["encoder"])
@@ -569,5 +599,4 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
         raise CheckpointError(f"{path} does not match its config: {err}") from None
     model.to(device).eval()
     encoder.to(device).eval()
-    image_shape = tuple(state["image_shape"]) or None
     return Trained(model, encoder, family, config, image_shape, run_dir)
