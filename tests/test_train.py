@@ -294,6 +294,10 @@ def test_each_inference_mode_routes_gradients_as_documented(tiny_data):
         ({"free_bits": 0.5, "objective": "iwae"}, "free_bits needs objective elbo"),
         ({"free_bits": 0.5, "family": "iaf"}, "closed-form KL"),
         ({"diagnostics_points": 1}, "diagnostics_points"),
+        ({"aggressive": True, "inference": "savae"}, "aggressive training is for"),
+        ({"aggressive": True, "diagnostics_points": 0}, "aggressive training needs"),
+        ({"decoder": "transformer"}, "decoder must be one of"),
+        ({"pixelcnn_kernel": 4}, "pixelcnn_kernel"),
     ],
 )
 def test_bad_config_values(tiny_data, tmp_path, change, message):
@@ -476,3 +480,72 @@ def test_pixelcnn_decoder_trains_reloads_and_needs_images(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="likelihood must be bernoulli"):
         train(TrainConfig(**{**TINY, **pixelcnn, "likelihood": "gaussian"}), tmp_path / "g",
               dataset=tiny_data)  # fmt: skip
+
+
+def test_aggressive_encoder_steps_move_the_encoder_only_until_its_loss_stalls(tiny_data):
+    from amortized.train import AGGRESSIVE_MAX_STEPS, AGGRESSIVE_WINDOW, _aggressive_encoder_steps
+
+    torch.manual_seed(0)
+    config = TrainConfig(**{**TINY, "aggressive": True})
+    model, encoder, family = build(config, 784)
+    optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    encoder_before = [p.detach().clone() for p in encoder.parameters()]
+    x = tiny_data.train.round()
+    g = torch.Generator().manual_seed(0)
+    taken = _aggressive_encoder_steps(
+        config,
+        model,
+        encoder,
+        family,
+        optimizer,
+        lambda: x[torch.randint(300, (50,), generator=g)],
+        1.0,
+    )
+    # at least two windows are compared; the first can never stall
+    assert 2 * AGGRESSIVE_WINDOW <= taken <= AGGRESSIVE_MAX_STEPS
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(encoder_before, encoder.parameters()))
+
+
+def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
+    tiny_data, tmp_path, monkeypatch
+):
+    import amortized.train as train_module
+
+    mi = iter([1.0, 0.5, 2.0, 3.0])  # falls at epoch 2: plain VAE from epoch 3 on
+    real = train_module._latent_record
+
+    def record(*args):
+        return {**real(*args), "mutual_information": next(mi)}
+
+    monkeypatch.setattr(train_module, "_latent_record", record)
+    config = TrainConfig(**{**TINY, "aggressive": True, "diagnostics_points": 50})
+    train(config, tmp_path, dataset=tiny_data)
+    metrics = _metrics(tmp_path)
+    assert [m["aggressive"] for m in metrics] == [True, True, False, False]
+    steps = [m["encoder_steps"] for m in metrics]
+    assert steps[0] >= 2 * 15 * 6 and steps[1] > 0 and steps[2:] == [0, 0]
+
+
+def test_an_aggressive_run_killed_after_a_checkpoint_resumes_exactly(
+    tiny_data, tmp_path, monkeypatch
+):
+    import amortized.train as train_module
+
+    config = TrainConfig(**{**TINY, "aggressive": True, "diagnostics_points": 50})
+    train(config, tmp_path / "whole", dataset=tiny_data)
+    real, calls = train_module.save_atomic, {"n": 0}
+
+    def crashing_save(obj, path):
+        real(obj, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_atomic", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", dataset=tiny_data)
+    monkeypatch.undo()
+    train(config, tmp_path / "killed", dataset=tiny_data)
+    _assert_same_run(tmp_path / "whole", tmp_path / "killed")

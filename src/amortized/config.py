@@ -96,6 +96,14 @@ class TrainConfig:
         default="dimension",
         metadata=_help("dimension (a floor on each latent dimension's KL) or total"),
     )
+    aggressive: bool = field(
+        default=False,
+        metadata=_help(
+            "aggressive encoder training (He et al. 2019): encoder-only steps before each "
+            "decoder step until the encoder's loss stops falling, switched off once I(x; z) "
+            "stops rising"
+        ),
+    )
     diagnostics_points: int = field(
         default=1000,
         metadata=_help("validation points for the per-epoch KL, active units and I(x; z)"),

@@ -122,6 +122,14 @@ def validate(config: TrainConfig) -> None:
             config.diagnostics_points == 0 or config.diagnostics_points >= 2,
             "diagnostics_points must be 0 (off) or >= 2",
         ),
+        (
+            not config.aggressive or config.inference == "amortized",
+            "aggressive training is for inference amortized",
+        ),
+        (
+            not config.aggressive or config.diagnostics_points >= 2,
+            "aggressive training needs diagnostics_points >= 2 (it watches I(x; z))",
+        ),
         (config.patience >= 1, "patience must be >= 1"),
         (config.valid_samples >= 1, "valid_samples must be >= 1"),
     ]
@@ -352,6 +360,32 @@ def evaluate_elbo(
     return total / x.shape[0]
 
 
+#: He et al. (2019): at most this many encoder-only steps per decoder step, and the
+#: encoder's loss is compared between consecutive windows of ``AGGRESSIVE_WINDOW`` steps.
+AGGRESSIVE_MAX_STEPS, AGGRESSIVE_WINDOW = 100, 15
+
+
+def _aggressive_encoder_steps(config, model, encoder, family, optimizer, draw, beta) -> int:
+    """Encoder-only steps on fresh minibatches from ``draw()`` until the encoder's mean
+    loss over a window of steps is no lower than over the window before (He, Spokoyny,
+    Neubig & Berg-Kirkpatrick 2019); returns the number of steps taken."""
+    previous, window = math.inf, []
+    for taken in range(1, AGGRESSIVE_MAX_STEPS + 1):
+        xb = draw()
+        loss = -_objective(config, model, family, encoder(xb), xb, beta).mean()
+        optimizer.zero_grad(set_to_none=True)
+        _backward(loss, encoder.parameters())
+        if torch.isfinite(loss) and _finite_gradients(optimizer):
+            optimizer.step()
+        window.append(float(loss.detach()))
+        if len(window) == AGGRESSIVE_WINDOW:
+            current = sum(window) / len(window)
+            if current >= previous:
+                return taken
+            previous, window = current, []
+    return AGGRESSIVE_MAX_STEPS
+
+
 def _latent_record(model, encoder, family, x: Tensor, epoch: int) -> dict:
     """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
     collapse (:func:`amortized.diagnostics.collapse_warning`)."""
@@ -452,6 +486,12 @@ def train(
     steps_per_epoch = math.ceil(n / config.batch_size)
 
     epoch, step, best, bad_epochs = 0, 0, -math.inf, 0
+    aggressive, last_mi = config.aggressive, -math.inf  # He et al.'s switch and its watch
+
+    def draw() -> Tensor:  # a random minibatch for aggressive encoder steps
+        xb = train_x[torch.randint(n, (config.batch_size,), generator=order_rng).to(device)]
+        return binarize(xb, generator=binarize_rng) if dynamic else xb
+
     best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
     if state is not None:
         try:
@@ -467,6 +507,7 @@ def train(
             raise CheckpointError(f"{ckpt_path} does not match this model: {err}") from None
         epoch, step, best = state["epoch"], state["step"], state["best"]
         bad_epochs, best_state = state["bad_epochs"], state["best_state"]
+        aggressive, last_mi = state.get("aggressive", False), state.get("last_mi", -math.inf)
     _truncate_metrics(metrics_path, epoch)
 
     bar = tqdm(
@@ -478,13 +519,19 @@ def train(
             group["lr"] = learning_rate(config, epoch)
         model.train()
         encoder.train()
-        total_loss, seen, skipped = 0.0, 0, 0
+        total_loss, seen, skipped, encoder_steps = 0.0, 0, 0, 0
         for idx in torch.randperm(n, generator=order_rng).split(config.batch_size):
             xb = train_x[idx.to(device)]  # (batch, data_dim)
             if dynamic:
                 xb = binarize(xb, generator=binarize_rng)
             beta = kl_weight(config, step + 1, steps_per_epoch)
+            if aggressive:
+                encoder_steps += _aggressive_encoder_steps(
+                    config, model, encoder, family, optimizer, draw, beta
+                )
             model_bound, encoder_bound = training_bounds(config, model, encoder, family, xb, beta)
+            if aggressive:  # the encoder has had its steps: this one is the decoder's
+                encoder_bound = None
             loss = -model_bound.mean()
             step += 1
             encoder_loss = None if encoder_bound is None else -encoder_bound.mean()
@@ -531,6 +578,11 @@ def train(
         }
         if diagnostics_x is not None:
             record.update(_latent_record(model, encoder, family, diagnostics_x, epoch))
+        if config.aggressive:
+            record.update(aggressive=aggressive, encoder_steps=encoder_steps)
+            if aggressive and record["mutual_information"] <= last_mi:
+                aggressive = False  # I(x; z) stopped rising: train as a plain VAE from here
+            last_mi = record["mutual_information"]
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         rng = {
@@ -548,6 +600,8 @@ def train(
                 "step": step,
                 "best": best,
                 "bad_epochs": bad_epochs,
+                "aggressive": aggressive,
+                "last_mi": last_mi,
                 "model": model.state_dict(),
                 "encoder": encoder.state_dict(),
                 "optimizer": optimizer.state_dict(),
