@@ -505,7 +505,9 @@ def test_aggressive_encoder_steps_move_the_encoder_only_until_its_loss_stalls(ti
     # at least two windows are compared; the first can never stall
     assert 2 * AGGRESSIVE_WINDOW <= taken <= AGGRESSIVE_MAX_STEPS
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert any(not torch.equal(a, b) for a, b in zip(encoder_before, encoder.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(encoder_before, encoder.parameters(), strict=True)
+    )
 
 
 def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
