@@ -111,3 +111,45 @@ def test_perplexity_of_code_usage():
     # p = (1/2, 1/4, 1/4): H = 1.5 log 2, exp(H) = 2^1.5
     perplexity, used = codebook_perplexity(torch.tensor([0, 0, 1, 2]), 5)
     assert perplexity == pytest.approx(2**1.5) and used == 3
+
+
+def _fit_tiny(run_dir, epochs=3):
+    from amortized.data import load_dataset
+    from amortized.vqvae import fit
+
+    x = load_dataset("mnist5k").train[:300].round()
+    torch.manual_seed(0)
+    vq = VQVAE(784, latents=4, code_dim=4, codebook_size=16, hidden=(32,))
+
+    def score():
+        with torch.no_grad():
+            codes = vq.codes(x[:100])
+        return {"bound": float(vq.bound(x[:100]).mean()),
+                "perplexity": codebook_perplexity(codes, 16)[0]}  # fmt: skip
+
+    return vq, fit(vq, vq.loss, x, score, run_dir, epochs=epochs, batch_size=50)
+
+
+def test_fit_trains_the_vqvae_and_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    import amortized.vqvae as vqvae_module
+
+    vq, log = _fit_tiny(tmp_path / "whole")
+    assert log[-1]["bound"] > log[0]["bound"] and log[-1]["train_loss"] < log[0]["train_loss"]
+    assert log[-1]["perplexity"] > 2  # several codes in use
+    real, calls = vqvae_module.save_atomic, {"n": 0}
+
+    def crashing_save(obj, path):
+        real(obj, path)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vqvae_module, "save_atomic", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_tiny(tmp_path / "killed")
+    monkeypatch.undo()
+    resumed, log2 = _fit_tiny(tmp_path / "killed")
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(log2) == drop(log)
+    for (k, a), b in zip(vq.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

@@ -22,18 +22,24 @@ is used equally, 1 when one code takes everything).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .decoders import BernoulliMLPDecoder
 from .nn import mlp
 
-__all__ = ["VQVAE", "CodePrior", "codebook_perplexity"]
+__all__ = ["VQVAE", "CodePrior", "codebook_perplexity", "fit"]
+
+FIT_FORMAT = "amortized-fit-v1"
 
 
 def codebook_perplexity(codes: Tensor, codebook_size: int) -> tuple[float, int]:
@@ -158,3 +164,64 @@ class CodePrior(nn.Module):
             probs = self.logits(padded)[:, -1].softmax(-1)
             codes = torch.cat([codes, torch.multinomial(probs, 1)], dim=1)
         return codes
+
+
+def fit(
+    module: nn.Module,
+    loss: Callable[[Tensor], Tensor],
+    train_x: Tensor,
+    valid_score: Callable[[], dict[str, float]],
+    run_dir: str | Path,
+    *,
+    epochs: int,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[dict]:
+    """Adam on ``loss(batch)`` for ``epochs`` epochs over ``train_x``; resumable.
+
+    After every epoch ``valid_score()`` is logged to ``run_dir/metrics.jsonl`` and
+    everything needed to resume (weights and buffers such as the EMA codebook, optimiser,
+    random streams) is written atomically to ``run_dir/checkpoint.pt``; run the same call
+    again after a kill and it carries on from the last finished epoch. Returns the log.
+    Used for the VQ-VAE (its loss) and for the code prior (the codes' negative log-prior).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    epoch, log = 0, []
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        try:
+            module.load_state_dict(state["module"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{ckpt} does not match this model: {err}") from None
+        if state["format"] != FIT_FORMAT:
+            raise CheckpointError(f"{ckpt} was written by another trainer ({state['format']})")
+        torch.set_rng_state(state["rng"])
+        order.set_state(state["order"])
+        epoch, log = state["epoch"], state["log"]
+    while epoch < epochs:
+        start = time.perf_counter()
+        module.train()
+        total = 0.0
+        for idx in torch.randperm(train_x.shape[0], generator=order).split(batch_size):
+            value = loss(train_x[idx.to(train_x.device)])
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            total += float(value.detach()) * len(idx)
+        module.eval()
+        epoch += 1
+        record = {"epoch": epoch, "train_loss": total / train_x.shape[0], **valid_score()}
+        log.append(record | {"seconds": time.perf_counter() - start})
+        state = {"format": FIT_FORMAT, "module": module.state_dict(), "epoch": epoch, "log": log}
+        state |= {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        save_atomic(state | {"order": order.get_state()}, ckpt)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    module.eval()
+    return log
