@@ -81,6 +81,7 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
         (["train", "--lr", "fast"], "--lr: expected float"),
         (["train", "--family", "banana"], "family must be one of"),
         (["train", "--dataset", "nosuch.npz"], "nosuch.npz"),
+        (["train", "--dataset", "two\nlines.npz"], "lines.npz"),
         (["train", "--config", "missing.toml"], "config file not found"),
         (["gap", "no-such-run"], "no trained model in no-such-run"),
         (["study", "--refine-method", "newton"], "refine_method must be one of"),

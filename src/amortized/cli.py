@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, ValueError) as err:
-        print(f"amortized {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split("\n"))  # one line, whatever the error quotes
+        print(f"amortized {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -39,6 +39,7 @@ from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
 from .iterative import IterativeEncoder
 from .model import LatentVariableModel
+from .nn import ACTIVATIONS
 from .pixelcnn import GatedPixelCNNDecoder
 from .refine import METHODS, refine
 from .registry import FAMILIES
@@ -87,6 +88,7 @@ def validate(config: TrainConfig) -> None:
             "pixelcnn_kernel must be odd and >= 3",
         ),
         (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
+        (config.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
         (config.objective in OBJECTIVES, f"objective must be one of {list(OBJECTIVES)}"),
         (config.latent_dim >= 1, "latent_dim must be >= 1"),
         (all(h >= 1 for h in config.hidden), "hidden sizes must be >= 1"),
@@ -100,7 +102,10 @@ def validate(config: TrainConfig) -> None:
         (config.iterations >= 1, "iterations must be >= 1"),
         (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
         (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
-        (config.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (
+            config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs),
+            "warmup_epochs must be a number >= 0",
+        ),
         (config.kl_schedule in KL_SCHEDULES, f"kl_schedule must be one of {KL_SCHEDULES}"),
         (
             config.free_bits >= 0 and math.isfinite(config.free_bits),
