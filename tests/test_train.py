@@ -365,6 +365,30 @@ def test_iterative_update_is_a_gate_between_lambda_and_the_proposal():
         encoder(torch.ones(4, 5))
 
 
+def test_iterative_inference_from_an_encoder_starts_at_its_output_and_trains_it(
+    tiny_data, tmp_path
+):
+    torch.manual_seed(0)
+    model, _, family = build(TrainConfig(**TINY), 784)
+    encoder = IterativeEncoder(model, family, 784, iterations=2, hidden=(5,), start="encoder")
+    x = tiny_data.train[:4].round()
+    last = encoder.update[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias[family.num_params :] = 50.0  # gate open: every update keeps lambda_0
+        torch.testing.assert_close(encoder(x), encoder.initial(x))
+    with pytest.raises(ValueError, match="start must be one of"):
+        IterativeEncoder(model, family, 784, start="posterior")
+    # trained end to end: the initial encoder gets gradients through the updates
+    config = TrainConfig(**{**TINY, "epochs": 2}, inference="iterative", iterations=2,
+                         iterative_start="encoder")  # fmt: skip
+    trained = train(config, tmp_path, dataset=tiny_data)
+    assert trained.encoder.initial is not None
+    torch.manual_seed(config.seed)  # as train() does before building
+    before = build(config, 784)[1].initial.net[0].weight
+    assert not torch.equal(trained.encoder.initial.net[0].weight, before)
+
+
 def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
     tiny_data, tmp_path, monkeypatch
 ):

@@ -68,6 +68,9 @@ class TrainConfig:
         ),
     )
     iterations: int = field(default=5, metadata=_help("updates of iterative inference"))
+    iterative_start: str = field(
+        default="prior", metadata=_help("lambda_0 of iterative inference: prior or encoder")
+    )
     svi_steps: int = field(default=20, metadata=_help("refinement steps of savae/vae+svi/svi"))
     svi_lr: float = field(default=0.02, metadata=_help("step size of those refinement steps"))
     svi_method: str = field(

@@ -8,7 +8,8 @@ it, and optionally x, and proposes a new lambda through a gated (highway) update
     lambda_{t+1} = sigma(a_t) * lambda_t + (1 - sigma(a_t)) * delta_t,
     (delta_t, a_t) = f_phi(lambda_t, normalise(grad_t), x),
 
-for T iterations from the prior (or any start). The network is trained with the model on
+for T iterations from the prior or from an encoder's output (``start="encoder"``: an
+MLP gives lambda_0, trained through the updates). The network is trained with the model on
 the ELBO of every iterate, averaged over iterations, so each step learns to improve the
 bound. Gradient inputs are detached (the update network sees them as data, as in the
 paper), so training needs first-order gradients only.
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .encoders import flat_data
+from .encoders import MLPEncoder, flat_data
 from .estimators import elbo
 from .families import VariationalFamily
 from .model import LatentVariableModel
@@ -33,9 +34,11 @@ from .nn import mlp
 
 __all__ = ["IterativeEncoder"]
 
+STARTS = ("prior", "encoder")
+
 
 class IterativeEncoder(nn.Module):
-    """x -> lambda_T by T learned, gated updates of lambda from the prior.
+    """x -> lambda_T by T learned, gated updates of lambda from the prior or an encoder.
 
     Arguments:
         model: the generative model whose ELBO gradients the updates read (not a
@@ -46,6 +49,8 @@ class IterativeEncoder(nn.Module):
         hidden: hidden layers of the update network.
         use_x: whether the update network also reads x (the paper's "with data" variant).
         samples: draws per ELBO gradient.
+        start: ``"prior"`` (lambda_0 is the prior) or ``"encoder"`` (lambda_0 = an MLP
+            encoder's output with the same hidden layers, learned jointly).
 
     Example:
         >>> import torch
@@ -68,16 +73,23 @@ class IterativeEncoder(nn.Module):
         activation: str = "tanh",
         use_x: bool = True,
         samples: int = 1,
+        start: str = "prior",
     ):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
         object.__setattr__(self, "model", model)  # read, never owned
         self.family, self.data_dim = family, data_dim
         self.iterations, self.use_x, self.samples = iterations, use_x, samples
         p = family.num_params
         self.update = mlp(2 * p + (data_dim if use_x else 0), hidden, 2 * p, activation)
         self.gradient_norm = nn.LayerNorm(p, elementwise_affine=False)
+        self.start = start
+        self.initial = None  # lambda_0 is the prior
+        if start == "encoder":
+            self.initial = MLPEncoder(data_dim, family, hidden=hidden, activation=activation)
 
     def step(self, lam: Tensor, x: Tensor) -> Tensor:
         """One gated update of lambda ``(batch, P)`` for flat data x ``(batch, data_dim)``."""
@@ -93,9 +105,12 @@ class IterativeEncoder(nn.Module):
         return gate * lam + (1 - gate) * proposal
 
     def trajectory(self, x: Tensor) -> list[Tensor]:
-        """lambda_1, ..., lambda_T for data x; lambda_0 is the prior."""
+        """lambda_1, ..., lambda_T for data x, from lambda_0 (the prior or the encoder's)."""
         x = flat_data(x, self.data_dim, "IterativeEncoder")
-        lam = self.family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
+        if self.initial is not None:
+            lam = self.initial(x)
+        else:
+            lam = self.family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
         out = []
         for _ in range(self.iterations):
             lam = self.step(lam, x)

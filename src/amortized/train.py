@@ -37,6 +37,7 @@ from .diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
+from .iterative import STARTS as ITERATIVE_STARTS
 from .iterative import IterativeEncoder
 from .model import LatentVariableModel
 from .nn import ACTIVATIONS
@@ -100,6 +101,10 @@ def validate(config: TrainConfig) -> None:
         (config.inference in INFERENCE, f"inference must be one of {INFERENCE}"),
         (config.svi_steps >= 0, "svi_steps must be >= 0"),
         (config.iterations >= 1, "iterations must be >= 1"),
+        (
+            config.iterative_start in ITERATIVE_STARTS,
+            f"iterative_start must be one of {ITERATIVE_STARTS}",
+        ),
         (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
         (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
         (
@@ -218,7 +223,7 @@ def build(
     if config.inference == "iterative":
         encoder = IterativeEncoder(
             model, family, data_dim, iterations=config.iterations, hidden=config.hidden,
-            activation=config.activation,
+            activation=config.activation, start=config.iterative_start,
         )  # fmt: skip
     else:
         encoder = MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
