@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
 from .data import Dataset, binarize, check_data, fixed_binarization, load_dataset
@@ -149,6 +151,8 @@ def validate(config: TrainConfig) -> None:
 
 
 LR_SCHEDULES = ("constant", "burda")
+#: Inference whose encoder and model learn from one objective, as DDP needs.
+DISTRIBUTED_INFERENCE = ("amortized", "savae", "iterative")
 DECODER_KINDS = ("mlp", "pixelcnn")
 KL_SCHEDULES = ("linear", "sigmoid")
 FREE_BITS_MODES = ("dimension", "total")
@@ -396,6 +400,27 @@ def _aggressive_encoder_steps(config, model, encoder, family, optimizer, draw, b
     return AGGRESSIVE_MAX_STEPS
 
 
+class _Bounds(nn.Module):
+    """:func:`training_bounds` as a module over the model and the encoder, so that
+    DistributedDataParallel can wrap it and average their gradients."""
+
+    def __init__(self, config: TrainConfig, model, encoder, family):
+        super().__init__()
+        self.config, self.model, self.encoder, self.family = config, model, encoder, family
+
+    def forward(self, x: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
+        return training_bounds(self.config, self.model, self.encoder, self.family, x, beta)
+
+
+def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, world) -> float:
+    """Mean validation ELBO; with several processes each scores its share and they add up."""
+    if world.size == 1:
+        return evaluate_elbo(model, encoder, family, x, config.valid_samples, config=config)
+    share = x[world.rank :: world.size]
+    local = evaluate_elbo(model, encoder, family, share, config.valid_samples, config=config)
+    return distributed.all_sum(local * share.shape[0], world) / x.shape[0]
+
+
 def _latent_record(model, encoder, family, x: Tensor, epoch: int) -> dict:
     """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
     collapse (:func:`amortized.diagnostics.collapse_warning`)."""
@@ -460,8 +485,21 @@ def train(
     *,
     dataset: Dataset | None = None,
 ) -> Trained:
-    """Train (or resume training) a VAE in ``run_dir``; returns the best model on validation."""
+    """Train (or resume training) a VAE in ``run_dir``; returns the best model on validation.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process trains on its share of each minibatch
+    and DistributedDataParallel averages the gradients (:mod:`amortized.distributed`);
+    rank 0 writes the run directory.
+    """
     validate(config)
+    if distributed.requested_size() > 1 and (
+        config.inference not in DISTRIBUTED_INFERENCE or config.aggressive
+    ):
+        raise ConfigError(
+            f"distributed training supports inference {DISTRIBUTED_INFERENCE} without "
+            "aggressive training (their encoder and model share one objective)"
+        )
+    world = distributed.init(torch.device(config.device).type)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
@@ -471,11 +509,15 @@ def train(
             f"{run_dir} holds a run with a different config; resume it with the same settings "
             "or choose another --run-dir"
         )
-    save_config(config, run_dir / "config.toml")
+    if world.main:
+        save_config(config, run_dir / "config.toml")
 
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is cuda but no CUDA GPU is available")
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     dataset = dataset or load_dataset(config.dataset, config.data_dir or None)
     dynamic = config.likelihood == "bernoulli" and dataset.binarization == "dynamic"
     train_x = dataset.train if dynamic else prepare_split(dataset, "train", config.likelihood)
@@ -490,6 +532,10 @@ def train(
     model.to(device)
     encoder.to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=config.lr)
+    bounds: nn.Module = _Bounds(config, model, encoder, family)
+    if world.size > 1:  # averages the gradients of every backward pass across processes
+        ids = [device.index] if device.type == "cuda" else None
+        bounds = DistributedDataParallel(bounds, device_ids=ids)
     order_rng = torch.Generator().manual_seed(config.seed)
     binarize_rng = torch.Generator(device).manual_seed(config.seed + 1)
     n = train_x.shape[0]
@@ -518,11 +564,13 @@ def train(
         epoch, step, best = state["epoch"], state["step"], state["best"]
         bad_epochs, best_state = state["bad_epochs"], state["best_state"]
         aggressive, last_mi = state.get("aggressive", False), state.get("last_mi", -math.inf)
-    _truncate_metrics(metrics_path, epoch)
+    if world.main:
+        _truncate_metrics(metrics_path, epoch)
 
     bar = tqdm(
-        total=config.epochs, initial=epoch, desc="train", disable=not config.progress, leave=False
-    )
+        total=config.epochs, initial=epoch, desc="train", leave=False,
+        disable=not (config.progress and world.main),
+    )  # fmt: skip
     while epoch < config.epochs and bad_epochs < config.patience:
         start = time.perf_counter()
         for group in optimizer.param_groups:
@@ -530,7 +578,12 @@ def train(
         model.train()
         encoder.train()
         total_loss, seen, skipped, encoder_steps = 0.0, 0, 0, 0
+        if world.size > 1:  # each process its own noise, reproducible from (seed, epoch, rank)
+            torch.manual_seed(config.seed + 7919 * epoch + 104729 * world.rank)
         for idx in torch.randperm(n, generator=order_rng).split(config.batch_size):
+            if len(idx) < world.size:
+                continue  # a last minibatch too small to share
+            idx = idx[world.rank :: world.size]  # this process's share
             xb = train_x[idx.to(device)]  # (batch, data_dim)
             if dynamic:
                 xb = binarize(xb, generator=binarize_rng)
@@ -539,17 +592,22 @@ def train(
                 encoder_steps += _aggressive_encoder_steps(
                     config, model, encoder, family, optimizer, draw, beta
                 )
-            model_bound, encoder_bound = training_bounds(config, model, encoder, family, xb, beta)
+            model_bound, encoder_bound = bounds(xb, beta)
             if aggressive:  # the encoder has had its steps: this one is the decoder's
                 encoder_bound = None
             loss = -model_bound.mean()
             step += 1
             encoder_loss = None if encoder_bound is None else -encoder_bound.mean()
-            if not torch.isfinite(loss) or (
-                encoder_loss is not None and not encoder_loss.isfinite()
-            ):
+            finite = bool(torch.isfinite(loss)) and (
+                encoder_loss is None or bool(encoder_loss.isfinite())
+            )
+            if not distributed.all_agree(finite, world):  # every process skips, or none
                 skipped += 1
                 warnings.warn(f"non-finite loss at step {step}; step skipped", stacklevel=1)
+                if world.size > 1:  # DDP expects a backward pass after every forward
+                    zero = sum(p.sum() for p in bounds.parameters()) * 0.0
+                    zero.backward()
+                    optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.zero_grad(set_to_none=True)
             if encoder_bound is model_bound:
@@ -568,7 +626,10 @@ def train(
             seen += xb.shape[0]
         model.eval()
         encoder.eval()
-        valid = evaluate_elbo(model, encoder, family, valid_x, config.valid_samples, config=config)
+        valid = _validation_elbo(model, encoder, family, valid_x, config, world)
+        if world.size > 1:
+            total_loss = distributed.all_sum(total_loss, world)
+            seen = distributed.all_sum(seen, world)
         epoch += 1
         if valid > best:
             best, bad_epochs = valid, 0
@@ -586,13 +647,17 @@ def train(
             "skipped_steps": skipped,
             "seconds": time.perf_counter() - start,
         }
-        if diagnostics_x is not None:
+        if diagnostics_x is not None and world.main:
             record.update(_latent_record(model, encoder, family, diagnostics_x, epoch))
         if config.aggressive:
             record.update(aggressive=aggressive, encoder_steps=encoder_steps)
             if aggressive and record["mutual_information"] <= last_mi:
                 aggressive = False  # I(x; z) stopped rising: train as a plain VAE from here
             last_mi = record["mutual_information"]
+        bar.update(1)
+        bar.set_postfix(valid_elbo=f"{valid:.2f}", best=f"{best:.2f}")
+        if not world.main:
+            continue
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         rng = {
@@ -620,25 +685,26 @@ def train(
             },
             ckpt_path,
         )
-        bar.update(1)
-        bar.set_postfix(valid_elbo=f"{valid:.2f}", best=f"{best:.2f}")
     bar.close()
+    distributed.assert_in_sync([model, encoder], world)
 
     model.load_state_dict(best_state["model"])
     encoder.load_state_dict(best_state["encoder"])
-    save_atomic(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "config": to_dict(config),
-            "data_dim": dataset.data_dim,
-            "image_shape": list(dataset.image_shape or []),
-            "model": model.state_dict(),
-            "encoder": encoder.state_dict(),
-            "best_valid_elbo": best,
-            "epochs": epoch,
-        },
-        run_dir / "model.pt",
-    )
+    if world.main:
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": to_dict(config),
+                "data_dim": dataset.data_dim,
+                "image_shape": list(dataset.image_shape or []),
+                "model": model.state_dict(),
+                "encoder": encoder.state_dict(),
+                "best_valid_elbo": best,
+                "epochs": epoch,
+            },
+            run_dir / "model.pt",
+        )
+    distributed.finish(world)
     return Trained(model, encoder, family, config, dataset.image_shape, run_dir)
 
 
