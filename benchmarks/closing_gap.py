@@ -39,7 +39,10 @@ from amortized.plots import plot_bound_against_cost
 from amortized.train import Trained, evaluation_subset, load_run, prepare_split
 
 REFINE_STEPS = (0, 1, 2, 5, 10, 20, 50, 100)
-ROUTES = {"vae": "VAE", "savae": "SA-VAE", "vae_svi": "VAE+SVI", "iterative": "iterative"}
+ROUTES = {
+    "vae": "VAE", "savae": "SA-VAE", "vae_svi": "VAE+SVI", "iterative": "iterative",
+    "iterative_encoder": "iterative from an encoder",
+}  # fmt: skip
 
 
 def refine_settings(trained: Trained) -> dict:
@@ -56,9 +59,19 @@ def measure(trained: Trained, x, iwae_k: int, refine_kwargs: dict) -> GapReport:
 
 
 def iterates(trained: Trained, x, elbo_samples: int = 1000) -> list[tuple[float, float]]:
-    """(seconds per datapoint, L[q_t]) after t = 1..T updates of an iterative encoder."""
+    """(seconds per datapoint, L[q_t]) after t = 1..T updates of an iterative encoder (and
+    at t = 0 when it starts from an encoder's output)."""
     encoder: IterativeEncoder = trained.encoder
     total, out = encoder.iterations, []
+    if encoder.initial is not None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            lam = encoder.initial(x)
+        seconds = (time.perf_counter() - start) / x.shape[0]
+        with torch.no_grad():
+            out.append(
+                (seconds, float(elbo(trained.model, trained.family, lam, x, elbo_samples).mean()))
+            )
     try:
         for t in range(1, total + 1):
             encoder.iterations = t
@@ -122,14 +135,15 @@ def main() -> None:
     for key, r in reports.items():
         sec, name = r.seconds_per_datapoint, ROUTES[key]
         enc = sec["encoder"]
-        label = "encoder (T updates)" if key == "iterative" else "encoder"
+        iterative = isinstance(runs[key].encoder, IterativeEncoder)
+        label = "encoder (T updates)" if iterative else "encoder"
         row(f"{name}, {label}", key, r.elbo_amortized.mean, enc)
-        if key != "iterative":
+        if not iterative:
             refined = r.refinement[str(k)].mean
             row(f"{name}, encoder + {k} steps", key, refined, enc + sec[f"refine/{k}"])
         curve = [(enc + sec[f"refine/{s}"], q.mean) for s, q in r.refinement.items()]
         curves[f"{name}: encoder + K steps"] = curve
-        if key == "iterative":
+        if iterative:
             curves[f"{name}: t = 1..T updates"] = iterates(runs[key], x)
         q_star = r.elbo_local[r.encoder_family]
         curves[f"{name}: q* (fit_local)"] = [(enc + sec[f"local/{r.encoder_family}"], q_star.mean)]
