@@ -144,7 +144,11 @@ def main() -> None:
         curve = [(enc + sec[f"refine/{s}"], q.mean) for s, q in r.refinement.items()]
         curves[f"{name}: encoder + K steps"] = curve
         if iterative:
-            curves[f"{name}: t = 1..T updates"] = iterates(runs[key], x)
+            path = iterates(runs[key], x)
+            if runs[key].encoder.initial is not None:  # lambda_0 alone: a row, not a point
+                row(f"{name}, its lambda_0 encoder alone", key, path[0][1], path[0][0])
+                path = path[1:]
+            curves[f"{name}: t = 1..T updates"] = path
         q_star = r.elbo_local[r.encoder_family]
         curves[f"{name}: q* (fit_local)"] = [(enc + sec[f"local/{r.encoder_family}"], q_star.mean)]
         gaps.update({

@@ -125,12 +125,13 @@ def plot_bound_against_cost(
     """
     fig, axes = plt.subplots(1, len(routes), figsize=(5 * len(routes), 3.6), squeeze=False)
     for ax, (split, by_route) in zip(axes[0], routes.items(), strict=True):
-        for i, (route, points) in enumerate(by_route.items()):
+        colors = plt.cm.tab20.colors if len(by_route) > 10 else [f"C{i}" for i in range(10)]
+        for (route, points), color in zip(by_route.items(), colors, strict=False):
             t, value = np.array(points, dtype=float).T
             if np.isnan(t).all():
                 ax.axhline(value[0], color="k", ls="--", lw=1, label=route)
                 continue
-            ax.plot(t * 1e3, value, "o-" if len(t) > 1 else "s", color=f"C{i}", label=route)
+            ax.plot(t * 1e3, value, "o-" if len(t) > 1 else "s", color=color, label=route)
         ax.set_xscale("log")
         ax.set_xlabel("inference time per datapoint (ms)")
         ax.set_ylabel("nats per datapoint")
