@@ -580,6 +580,7 @@ def train(
         total_loss, seen, skipped, encoder_steps = 0.0, 0, 0, 0
         if world.size > 1:  # each process its own noise, reproducible from (seed, epoch, rank)
             torch.manual_seed(config.seed + 7919 * epoch + 104729 * world.rank)
+            binarize_rng.manual_seed(config.seed + 1 + 7919 * epoch + 104729 * world.rank)
         for idx in torch.randperm(n, generator=order_rng).split(config.batch_size):
             if len(idx) < world.size:
                 continue  # a last minibatch too small to share
