@@ -55,3 +55,22 @@ def exact_posterior_lam():
         return FullCovarianceGaussian.params_from(mean, chol)  # (n, D + D(D+1)/2)
 
     return make
+
+
+@pytest.fixture
+def crash_after_saves(monkeypatch):
+    """``(module, n)``: make ``module.save_atomic`` raise KeyboardInterrupt right after its
+    n-th completed save (a kill just after a checkpoint); ``monkeypatch.undo()`` restores it."""
+
+    def arm(module, n: int) -> None:
+        real, calls = module.save_atomic, {"n": 0}
+
+        def crashing_save(obj, path):
+            real(obj, path)
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, "save_atomic", crashing_save)
+
+    return arm

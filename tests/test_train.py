@@ -65,7 +65,9 @@ def test_same_seed_same_run_and_other_seed_differs(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("crash_at", ["after_checkpoint", "mid_epoch"])
-def test_resume_after_crash_ends_like_uninterrupted_run(tiny_data, tmp_path, monkeypatch, crash_at):
+def test_resume_after_crash_ends_like_uninterrupted_run(
+    tiny_data, tmp_path, monkeypatch, crash_after_saves, crash_at
+):
     config = TrainConfig(**TINY)
     train(config, tmp_path / "whole", dataset=tiny_data)
 
@@ -73,15 +75,7 @@ def test_resume_after_crash_ends_like_uninterrupted_run(tiny_data, tmp_path, mon
 
     calls = {"n": 0}
     if crash_at == "after_checkpoint":
-        real = train_module.save_atomic
-
-        def crashing_save(obj, path):
-            real(obj, path)
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(train_module, "save_atomic", crashing_save)
+        crash_after_saves(train_module, 2)
     else:
         real_step = torch.optim.Adam.step
 
@@ -555,21 +549,13 @@ def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
 
 
 def test_an_aggressive_run_killed_after_a_checkpoint_resumes_exactly(
-    tiny_data, tmp_path, monkeypatch
+    tiny_data, tmp_path, monkeypatch, crash_after_saves
 ):
     import amortized.train as train_module
 
     config = TrainConfig(**{**TINY, "aggressive": True, "diagnostics_points": 50})
     train(config, tmp_path / "whole", dataset=tiny_data)
-    real, calls = train_module.save_atomic, {"n": 0}
-
-    def crashing_save(obj, path):
-        real(obj, path)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_atomic", crashing_save)
+    crash_after_saves(train_module, 2)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "killed", dataset=tiny_data)
     monkeypatch.undo()

@@ -130,21 +130,15 @@ def _fit_tiny(run_dir, epochs=3):
     return vq, fit(vq, vq.loss, x, score, run_dir, epochs=epochs, batch_size=50)
 
 
-def test_fit_trains_the_vqvae_and_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+def test_fit_trains_the_vqvae_and_resumes_exactly_after_a_kill(
+    tmp_path, monkeypatch, crash_after_saves
+):
     import amortized.vqvae as vqvae_module
 
     vq, log = _fit_tiny(tmp_path / "whole")
     assert log[-1]["bound"] > log[0]["bound"] and log[-1]["train_loss"] < log[0]["train_loss"]
     assert log[-1]["perplexity"] > 2  # several codes in use
-    real, calls = vqvae_module.save_atomic, {"n": 0}
-
-    def crashing_save(obj, path):
-        real(obj, path)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(vqvae_module, "save_atomic", crashing_save)
+    crash_after_saves(vqvae_module, 1)
     with pytest.raises(KeyboardInterrupt):
         _fit_tiny(tmp_path / "killed")
     monkeypatch.undo()

@@ -59,7 +59,10 @@ def kl_per_dimension(family: VariationalFamily, lam: Tensor, prior: Distribution
     full-covariance Gaussian's marginals and a moment-matched approximation for flows.
     Differentiable in ``lam`` for the Gaussian families (free bits train through it).
     """
-    loc, log_scale = family.gaussian_moments(lam)
+    return _marginal_kl(*family.gaussian_moments(lam), prior)
+
+
+def _marginal_kl(loc: Tensor, log_scale: Tensor, prior: Distribution) -> Tensor:
     return kl_divergence(Normal(loc, log_scale.exp()), _factorized_normal(prior))
 
 
@@ -144,8 +147,8 @@ def latent_diagnostics(
 ) -> LatentDiagnostics:
     """KL per dimension, active units and mutual information of q(z; lam) over the rows."""
     with torch.no_grad():
-        kl = kl_per_dimension(family, lam, prior).mean(0)  # (D,)
-        means, _ = family.gaussian_moments(lam)
+        means, log_scale = family.gaussian_moments(lam)  # sampled once for a flow
+        kl = _marginal_kl(means, log_scale, prior).mean(0)  # (D,)
     count, variances = active_units(means)
     return LatentDiagnostics(
         kl=float(kl.sum()),

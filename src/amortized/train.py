@@ -544,9 +544,12 @@ def train(
     epoch, step, best, bad_epochs = 0, 0, -math.inf, 0
     aggressive, last_mi = config.aggressive, -math.inf  # He et al.'s switch and its watch
 
-    def draw() -> Tensor:  # a random minibatch for aggressive encoder steps
-        xb = train_x[torch.randint(n, (config.batch_size,), generator=order_rng).to(device)]
+    def minibatch(idx: Tensor) -> Tensor:  # (batch, data_dim), binarized afresh if dynamic
+        xb = train_x[idx.to(device)]
         return binarize(xb, generator=binarize_rng) if dynamic else xb
+
+    def draw() -> Tensor:  # a random minibatch for aggressive encoder steps
+        return minibatch(torch.randint(n, (config.batch_size,), generator=order_rng))
 
     best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
     if state is not None:
@@ -585,9 +588,7 @@ def train(
             if len(idx) < world.size:
                 continue  # a last minibatch too small to share
             idx = idx[world.rank :: world.size]  # this process's share
-            xb = train_x[idx.to(device)]  # (batch, data_dim)
-            if dynamic:
-                xb = binarize(xb, generator=binarize_rng)
+            xb = minibatch(idx)
             beta = kl_weight(config, step + 1, steps_per_epoch)
             if aggressive:
                 encoder_steps += _aggressive_encoder_steps(
