@@ -45,6 +45,8 @@ REMEDIES = {
     "aggressive": {"warmup_epochs": 0.0, "aggressive": True},
 }
 
+DECODER_NAMES = {"pixelcnn": "PixelCNN", "made": "MADE"}
+
 
 def subset(data: Dataset, train: int, valid: int) -> Dataset:
     """Random training and validation subsets (the PixelCNN is costly on a CPU)."""
@@ -129,6 +131,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--iwae-k", type=int, default=100)
     ap.add_argument("--latent-dim", type=int, default=32)
+    ap.add_argument("--decoder", default="pixelcnn", choices=["pixelcnn", "made"])
+    ap.add_argument("--made-hidden", default="500", help="hidden sizes of the made decoder")
     ap.add_argument("--channels", type=int, default=8)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--kernel", type=int, default=5)
@@ -148,7 +152,8 @@ def main() -> None:
     results = {}
     for name in args.remedies.split(","):
         config = TrainConfig(
-            dataset="binarized-mnist", latent_dim=args.latent_dim, decoder="pixelcnn",
+            dataset="binarized-mnist", latent_dim=args.latent_dim, decoder=args.decoder,
+            made_hidden=tuple(int(h) for h in args.made_hidden.split(",")),
             pixelcnn_channels=args.channels, pixelcnn_layers=args.layers,
             pixelcnn_kernel=args.kernel, epochs=args.epochs, patience=args.epochs,
             valid_samples=1, progress=False, **REMEDIES[name],
@@ -185,7 +190,7 @@ def main() -> None:
             )
         else:
             lines.append(
-                f"| PixelCNN VAE, {name} | {r['nll_iwae']:.2f} | {r['elbo']:.2f} | {r['kl']:.2f} "
+                f"| {DECODER_NAMES[args.decoder]} VAE, {name} | {r['nll_iwae']:.2f} | {r['elbo']:.2f} | {r['kl']:.2f} "
                 f"| {r['active_units']} of {args.latent_dim} | {r['mutual_information']:.2f} "
                 f"| | {r['seconds']:.0f} |"
             )

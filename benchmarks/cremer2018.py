@@ -108,7 +108,7 @@ def sharded_report(trained: Trained, x, args) -> GapReport:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ffg", required=True, help="run trained with --family diagonal")
+    parser.add_argument("--ffg", default=None, help="run trained with --family diagonal")
     parser.add_argument("--flow", default=None, help="run trained with the flow family")
     parser.add_argument("--flow-family", default="iaf", choices=["iaf", "planar"])
     parser.add_argument("--data-dir", default="../shared/data")
@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--max-shards", type=int, default=0, help="stop after this many")
     parser.add_argument("--output", default=None, help="also write the table as JSON")
     args = parser.parse_args()
+    if args.ffg is None and args.flow is None:
+        parser.error("give --ffg, --flow or both (one process per run measures them in parallel)")
 
     columns = {}
     runs = {"FFG-trained": (args.ffg, "diagonal"), "flow-trained": (args.flow, args.flow_family)}

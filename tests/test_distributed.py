@@ -61,3 +61,30 @@ def test_distributed_training_refuses_modes_with_two_objectives(tmp_path, monkey
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="distributed training supports"):
         train(TrainConfig(inference="vae+svi", epochs=1, progress=False), tmp_path)
+
+
+def test_a_gap_report_shared_by_two_processes_equals_one_process_s(tiny_npz, tmp_path):
+    from amortized.cli import main
+
+    run = tmp_path / "run"
+    config = TrainConfig(dataset=str(tiny_npz), latent_dim=2, hidden=(16,), epochs=1,
+                         batch_size=50, progress=False)  # fmt: skip
+    train(config, run)
+    # 23 points in blocks of 4: 6 blocks, the last one short; rank 0 takes 3, rank 1 takes 3
+    gap = ["gap", str(run), "--max-points", "23", "--eval-batch-size", "4", "--iwae-k", "20",
+           "--elbo-samples", "10", "--local-steps", "30", "--ais-steps", "3", "--ais-chains", "2",
+           "--families", "planar", "--refine-steps", "0,2", "--eval-seed", "5",
+           "--no-progress"]  # fmt: skip
+    assert main([*gap, "--output", str(tmp_path / "one.json")]) == 0
+    done = _torchrun([*gap, "--output", str(tmp_path / "two.json")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["n"] == two["n"] == 23
+    assert one["per_datapoint"].keys() == two["per_datapoint"].keys()
+    for key, values in one["per_datapoint"].items():
+        assert values == two["per_datapoint"][key], key  # exactly, every datapoint
+    for key in ("log_px", "elbo_amortized", "amortization_gap", "inference_gap"):
+        assert one[key] == two[key]
+    assert one["local_fit"] == two["local_fit"]
+    assert one["seconds_per_datapoint"].keys() == two["seconds_per_datapoint"].keys()

@@ -351,3 +351,26 @@ def test_refinement_curve_runs_from_the_encoder_to_q_star(setup):
     assert "L[q] after 300 refinement steps" in report.table()
     assert GapReport.from_dict(report.to_dict()).refinement == report.refinement
     assert merge_reports([report]).refinement == report.refinement
+
+
+def test_a_seeded_report_draws_per_block_and_leaves_the_caller_s_random_state(setup):
+    lg, x, encoder, _ = setup
+    kwargs = {"iwae_k": 20, "elbo_samples": 10, "batch_size": 8, "seed": 3,
+              "local_kwargs": {"steps": 20, "check_every": 10}}  # fmt: skip
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = gap_report(lg.model, x[:20], encoder, DiagonalGaussian(3), **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    torch.manual_seed(999)  # another global state: the same report
+    b = gap_report(lg.model, x[:20], encoder, DiagonalGaussian(3), **kwargs)
+    for key, values in a.per_datapoint.items():
+        assert np.array_equal(values, b.per_datapoint[key]), key
+    # each block has its own stream: the first block's draws do not depend on the rest
+    c = gap_report(lg.model, x[:8], encoder, DiagonalGaussian(3), **kwargs)
+    assert np.array_equal(c.per_datapoint["log_px"], a.per_datapoint["log_px"][:8])
+    d = gap_report(lg.model, x[:20], encoder, DiagonalGaussian(3), **{**kwargs, "seed": 4})
+    assert not np.array_equal(d.per_datapoint["log_px"], a.per_datapoint["log_px"])
+    with pytest.raises(ValueError, match="needs a seed"):
+        from amortized.distributed import World
+
+        gap_report(lg.model, x, encoder, DiagonalGaussian(3), world=World(0, 2))

@@ -500,6 +500,24 @@ def test_pixelcnn_decoder_trains_reloads_and_needs_images(tiny_data, tmp_path):
               dataset=tiny_data)  # fmt: skip
 
 
+def test_made_decoder_trains_reloads_and_needs_binary_data(tiny_data, tmp_path):
+    made = {"decoder": "made", "made_hidden": (30,)}
+    trained = train(TrainConfig(**{**TINY, "epochs": 2, **made}), tmp_path / "run",
+                    dataset=tiny_data)  # fmt: skip
+    metrics = _metrics(tmp_path / "run")
+    assert metrics[-1]["valid_elbo"] > metrics[0]["valid_elbo"]
+    loaded = load_run(tmp_path / "run")
+    assert loaded.config.made_hidden == (30,)
+    x, z = tiny_data.valid[:5].round(), torch.randn(3, 5, 2)
+    with torch.no_grad():
+        assert torch.equal(trained.model.log_likelihood(x, z), loaded.model.log_likelihood(x, z))
+    with pytest.raises(ConfigError, match="likelihood must be bernoulli"):
+        train(TrainConfig(**{**TINY, **made, "likelihood": "gaussian"}), tmp_path / "g",
+              dataset=tiny_data)  # fmt: skip
+    with pytest.raises(ConfigError, match="made_hidden"):
+        build(TrainConfig(**{**TINY, **made, "made_hidden": ()}), 784)
+
+
 def test_aggressive_encoder_steps_move_the_encoder_only_until_its_loss_stalls(tiny_data):
     from amortized.train import AGGRESSIVE_MAX_STEPS, AGGRESSIVE_WINDOW, _aggressive_encoder_steps
 

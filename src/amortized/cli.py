@@ -136,21 +136,30 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _gap(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import distributed
     from .data import load_dataset
     from .study import measure_gaps
     from .train import evaluation_subset, load_run, prepare_split
 
     config = load_config(GapConfig, args.config) if args.config else GapConfig()
     config = _apply(config, args)
-    trained = load_run(args.run_dir, device=args.device)
+    world = distributed.init(torch.device(args.device).type)  # torchrun: share the blocks
+    device = args.device
+    if device.startswith("cuda") and world.size > 1:
+        device = f"cuda:{world.local_rank}"
+    trained = load_run(args.run_dir, device=device)
     dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
     x = prepare_split(dataset, config.split, trained.config.likelihood)
     x = evaluation_subset(x, config.max_points)
-    report = measure_gaps(trained, x.to(args.device), config, args.progress)
-    output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
-    report.to_json(output)
-    print(report.table())
-    print(f"\nwrote {output}")
+    report = measure_gaps(trained, x.to(device), config, args.progress and world.main, world)
+    distributed.finish(world)
+    if world.main:
+        output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
+        report.to_json(output)
+        print(report.table())
+        print(f"\nwrote {output}")
 
 
 def _download(args: argparse.Namespace) -> None:

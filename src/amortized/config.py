@@ -49,7 +49,13 @@ class TrainConfig:
     )
     decoder: str = field(
         default="mlp",
-        metadata=_help("mlp, or pixelcnn: autoregressive over the pixels of binary images"),
+        metadata=_help(
+            "mlp; or autoregressive over the pixels of binary images: pixelcnn (gated "
+            "PixelCNN) or made (masked MLP)"
+        ),
+    )
+    made_hidden: tuple[int, ...] = field(
+        default=(500,), metadata=_help("hidden layer sizes of the made decoder")
     )
     pixelcnn_channels: int = field(default=32, metadata=_help("channels of the PixelCNN"))
     pixelcnn_layers: int = field(default=5, metadata=_help("gated layers of the PixelCNN"))

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "requested_size", "init", "all_agree", "all_sum", "assert_in_sync", "finish"]
+__all__ = [
+    "World", "requested_size", "init", "all_agree", "all_sum", "all_gather_objects",
+    "assert_in_sync", "finish",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,15 @@ def all_sum(value: float, world: World) -> float:
     total = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.all_reduce(total)
     return float(total.item())
+
+
+def all_gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every process's picklable ``obj``, in rank order, on every process."""
+    if world.size == 1:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def assert_in_sync(modules: list[nn.Module], world: World) -> None:

@@ -13,6 +13,7 @@ standard errors, and the wall-clock price of each inference route.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .ais import ais
+from .distributed import World
 from .estimators import elbo, iwae_bound
 from .families import VariationalFamily
 from .local import fit_local
@@ -171,6 +174,8 @@ def gap_report(
     refine_steps: Sequence[int] = (),
     refine_kwargs: dict[str, Any] | None = None,
     batch_size: int = 500,
+    seed: int | None = None,
+    world: World | None = None,
     progress: bool = False,
 ) -> GapReport:
     r"""Decompose log p(x) - L[q] into approximation and amortization gaps on data x.
@@ -197,7 +202,15 @@ def gap_report(
         refine_steps: numbers of steps K at which to report L[q] of the encoder's output
             refined by K gradient steps (:func:`amortized.refine`, with
             ``refine_kwargs``): the refinement curve from L[q] (K = 0) toward L[q*].
-        batch_size: datapoints evaluated together (memory, not results).
+        batch_size: the data are measured in blocks of this many consecutive rows.
+        seed: if given, every block draws its random numbers from its own stream, seeded
+            by (seed, block), and the caller's random state is left as it was: the report
+            is then the same however the blocks are shared among processes. If None,
+            the blocks draw in turn from the global stream.
+        world: the processes to share the blocks among (:func:`amortized.distributed.init`
+            under torchrun; needs ``seed``). Each process measures the blocks b with
+            b % size == rank, and every process returns the whole report, equal to what
+            one process measures with the same seed.
 
     Returns:
         A :class:`GapReport`; ``report.to_json()`` serialises it.
@@ -206,110 +219,123 @@ def gap_report(
         raise ValueError(f"local_init must be 'encoder' or 'prior', got {local_init!r}")
     if iwae_k < 2 or elbo_samples < 2:
         raise ValueError("iwae_k and elbo_samples must be >= 2 (standard errors need two draws)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    world = world or World()
+    if world.size > 1 and seed is None:
+        raise ValueError("a gap report shared among processes needs a seed")
     local_kwargs = dict(local_kwargs or {})
-    local_batch = local_kwargs.pop("batch_size", None) or x.shape[0]
+    local_batch = local_kwargs.pop("batch_size", None)  # memory, not results: not a setting
+    refine_kwargs = dict(refine_kwargs or {})
     n = x.shape[0]
+    blocks = _slices(n, batch_size)
+    mine = range(world.rank, len(blocks), world.size)
+    all_families = [family, *[f for f in families if f.name != family.name]]
+    ks = sorted(set(refine_steps))
+    routes = ["encoder", *[f"refine/{k}" for k in ks], *[f"local/{f.name}" for f in all_families],
+              "iwae", *(["ais"] if ais_steps > 0 else [])]  # fmt: skip
+
+    def draws(block: int, stage: int):
+        return _block_stream(seed, block, stage, x.device)
+
+    per: dict[int, dict[str, Tensor]] = {b: {} for b in mine}  # block -> key -> values
+    lam_star: dict[int, dict[str, Tensor]] = {b: {} for b in mine}
+    seconds: dict[str, float] = {}
+    fit_sums = {fam.name: [0.0, 0.0] for fam in all_families}  # steps, converged rows
+
+    def spent(key: str, start: float) -> None:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
     was_training = (model.training, encoder.training)
     model.eval()
     encoder.eval()
-    per: dict[str, Tensor] = {}
-    seconds: dict[str, float] = {}
     try:
-        # Amortized route: one forward pass.
-        with torch.no_grad():
-            start = time.perf_counter()
-            lam_q = torch.cat([encoder(x[i : i + batch_size]) for i in range(0, n, batch_size)])
-            seconds["encoder"] = (time.perf_counter() - start) / n
-            per["elbo_amortized"], per["elbo_amortized_se"] = _in_batches(
-                lambda s: elbo(model, family, lam_q[s], x[s], elbo_samples, stderr=True),
-                n,
-                batch_size,
-            )
+        for b in mine:  # every route that needs no choice across blocks
+            xb, out = x[blocks[b]], per[b]
+            with draws(b, 0):
+                with torch.no_grad():  # the amortized route: one forward pass
+                    start = time.perf_counter()
+                    lam_q = encoder(xb)
+                    spent("encoder", start)
+                    out["elbo_amortized"], out["elbo_amortized_se"] = elbo(
+                        model, family, lam_q, xb, elbo_samples, stderr=True
+                    )
+                # K gradient steps from the encoder's output
+                for k, lam_k, cost in refinement_path(model, family, xb, lam_q, ks,
+                                                      **refine_kwargs) if ks else []:  # fmt: skip
+                    with torch.no_grad():
+                        value, se = elbo(model, family, lam_k, xb, elbo_samples, stderr=True)
+                    out[f"elbo_refined/{k}"], out[f"elbo_refined/{k}_se"] = value, se
+                    seconds[f"refine/{k}"] = seconds.get(f"refine/{k}", 0.0) + cost
+                # lambda_i optimised for each datapoint, in each family
+                for fam in all_families:
+                    init = None  # the prior
+                    if local_init == "encoder" and fam.name == family.name:
+                        init = lam_q
+                    elif local_init == "encoder":  # moment-match the encoder family's q*
+                        init = fam.from_gaussian(*family.gaussian_moments(lam_star[b][family.name]))
+                    start = time.perf_counter()
+                    fit = fit_local(
+                        model, fam, xb, init, batch_size=local_batch, progress=progress,
+                        **local_kwargs,
+                    )  # fmt: skip
+                    spent(f"local/{fam.name}", start)
+                    lam_star[b][fam.name] = fit.lam
+                    fit_sums[fam.name][0] += float(fit.steps.float().sum())
+                    fit_sums[fam.name][1] += float(fit.converged.float().sum())
+                    with torch.no_grad():
+                        out[f"elbo_local/{fam.name}"], out[f"elbo_local/{fam.name}_se"] = elbo(
+                            model, fam, fit.lam, xb, elbo_samples, stderr=True
+                        )
 
-        # Refinement route: K gradient steps from the encoder's output.
-        refine_kwargs = dict(refine_kwargs or {})
-        ks = sorted(set(refine_steps))
-        curves: dict[str, list[Tensor]] = {}
-        for s in _slices(n, batch_size) if ks else []:
-            path = refinement_path(model, family, x[s], lam_q[s], ks, **refine_kwargs)
-            for k, lam_k, spent in path:
-                with torch.no_grad():
-                    value, se = elbo(model, family, lam_k, x[s], elbo_samples, stderr=True)
-                curves.setdefault(f"elbo_refined/{k}", []).append(value)
-                curves.setdefault(f"elbo_refined/{k}_se", []).append(se)
-                seconds[f"refine/{k}"] = seconds.get(f"refine/{k}", 0.0) + spent / n
-        per.update({key: torch.cat(parts) for key, parts in curves.items()})
-
-        # Per-datapoint route: optimise lambda_i for each family.
-        lam_star: dict[str, Tensor] = {}
-        fit_stats: dict[str, dict[str, float]] = {}
-        all_families = [family, *[f for f in families if f.name != family.name]]
-        for fam in all_families:
-            init = None  # the prior
-            if local_init == "encoder" and fam.name == family.name:
-                init = lam_q
-            elif local_init == "encoder":  # moment-match the encoder family's q*
-                init = torch.cat([
-                    fam.from_gaussian(*family.gaussian_moments(lam_star[family.name][s]))
-                    for s in _slices(n, batch_size)
-                ])  # fmt: skip
-            start = time.perf_counter()
-            fit = fit_local(
-                model, fam, x, init, batch_size=local_batch, progress=progress,
-                **local_kwargs,
-            )  # fmt: skip
-            seconds[f"local/{fam.name}"] = (time.perf_counter() - start) / n
-            lam_star[fam.name] = fit.lam
-            fit_stats[fam.name] = {
-                "mean_steps": float(fit.steps.float().mean()),
-                "converged_fraction": float(fit.converged.float().mean()),
-            }
-            with torch.no_grad():
-                per[f"elbo_local/{fam.name}"], per[f"elbo_local/{fam.name}_se"] = _in_batches(
-                    lambda s, lam=fit.lam, fam=fam: elbo(
-                        model, fam, lam[s], x[s], elbo_samples, stderr=True
-                    ),
-                    n,
-                    batch_size,
+        # log p(x) from the best q* (highest mean L[q*] over all the data)
+        local = {b: {f.name: per[b][f"elbo_local/{f.name}"] for f in all_families} for b in mine}
+        local = _gather_blocks(local, world)
+        best = max(
+            all_families,
+            key=lambda f: float(torch.cat([local[b][f.name] for b in sorted(local)]).mean()),
+        )
+        for b in mine:
+            xb, lam, out = x[blocks[b]], lam_star[b][best.name].detach(), per[b]
+            with draws(b, 1), torch.no_grad():
+                start = time.perf_counter()
+                out["log_px_iwae"], out["log_px_iwae_se"] = iwae_bound(
+                    model, best, lam, xb, iwae_k, stderr=True
                 )
-
-        # log p(x): IWAE-k with the best q* (highest mean L[q*]) as proposal.
-        best = max(all_families, key=lambda f: float(per[f"elbo_local/{f.name}"].mean()))
-        with torch.no_grad():
-            start = time.perf_counter()
-            per["log_px"], per["log_px_se"] = _in_batches(
-                lambda s: iwae_bound(
-                    model, best, lam_star[best.name][s], x[s], iwae_k, stderr=True
-                ),
-                n,
-                batch_size,
-            )
-            seconds["iwae"] = (time.perf_counter() - start) / n
-        estimates = {"iwae": f"IWAE, k={iwae_k}, proposal q* ({best.name})"}
-        chosen = "iwae"
-        per["log_px_iwae"], per["log_px_iwae_se"] = per["log_px"], per["log_px_se"]
-        if ais_steps > 0:
-
-            def run_ais(s: slice) -> tuple[Tensor, Tensor]:
-                lam = lam_star[best.name][s].detach()
-                result = ais(model, x[s], best, lam, steps=ais_steps, chains=ais_chains)
-                return result.log_px, result.stderr
-
-            start = time.perf_counter()
-            per["log_px_ais"], per["log_px_ais_se"] = _in_batches(run_ais, n, batch_size)
-            seconds["ais"] = (time.perf_counter() - start) / n
-            estimates["ais"] = (
-                f"AIS, {ais_steps} steps x {ais_chains} chains, HMC, from q* ({best.name})"
-            )
-            if per["log_px_ais"].mean() > per["log_px_iwae"].mean():
-                chosen = "ais"
-                per["log_px"], per["log_px_se"] = per["log_px_ais"], per["log_px_ais_se"]
+                spent("iwae", start)
+                if ais_steps > 0:
+                    start = time.perf_counter()
+                    result = ais(model, xb, best, lam, steps=ais_steps, chains=ais_chains)
+                    out["log_px_ais"], out["log_px_ais_se"] = result.log_px, result.stderr
+                    spent("ais", start)
     finally:
         model.train(was_training[0])
         encoder.train(was_training[1])
 
+    estimates = {"iwae": f"IWAE, k={iwae_k}, proposal q* ({best.name})"}
+    if ais_steps > 0:
+        estimates["ais"] = (
+            f"AIS, {ais_steps} steps x {ais_chains} chains, HMC, from q* ({best.name})"
+        )
+    gathered = _gather_blocks(per, world)
+    everything = {
+        key: torch.cat([gathered[b][key].to(x.device) for b in range(len(blocks))])
+        for key in gathered[0]
+    }
+    chosen = max(estimates, key=lambda m: float(everything[f"log_px_{m}"].mean()))
+    everything["log_px"] = everything[f"log_px_{chosen}"]
+    everything["log_px_se"] = everything[f"log_px_{chosen}_se"]
+    # cost per datapoint: the time all processes spent on a route, over the datapoints
+    seconds = {key: distributed.all_sum(seconds.get(key, 0.0), world) / n for key in routes}
+    fit_stats = {}
+    for name, (steps, converged) in fit_sums.items():
+        fit_stats[name] = {
+            "mean_steps": distributed.all_sum(steps, world) / n,
+            "converged_fraction": distributed.all_sum(converged, world) / n,
+        }
+
     return _summarise(
-        per,
+        everything,
         encoder_family=family.name,
         families=[fam.name for fam in all_families],
         estimates=estimates,
@@ -328,6 +354,30 @@ def gap_report(
         },
         local_fit=fit_stats,
     )
+
+
+@contextlib.contextmanager
+def _block_stream(seed: int | None, block: int, stage: int, device: torch.device):
+    """Draw from a stream of the block's own, seeded by (seed, block, stage), then restore
+    the caller's random state; without a seed, draw from the global stream."""
+    if seed is None:
+        yield
+        return
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(((seed * 1_000_003 + block) * 2 + stage) % 2**63)
+        yield
+
+
+def _gather_blocks(mine: dict[int, Any], world: World) -> dict[int, Any]:
+    """Every process's ``{block: value}`` merged, on every process (tensors on the CPU)."""
+    if world.size == 1:
+        return mine
+    on_cpu = {
+        b: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in values.items()}
+        for b, values in mine.items()
+    }
+    return {b: v for part in distributed.all_gather_objects(on_cpu, world) for b, v in part.items()}
 
 
 def _summarise(

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Distribution, constraints
 
-__all__ = ["GatedPixelCNNDecoder", "PixelCNNBernoulli"]
+from .autoregressive import AutoregressiveBernoulli
+
+__all__ = ["GatedPixelCNNDecoder"]
 
 
 def _gate(pre: Tensor) -> Tensor:
@@ -55,7 +56,7 @@ class _GatedLayer(nn.Module):
 
 
 class GatedPixelCNNDecoder(nn.Module):
-    """p(x | z) for binary images, autoregressive over pixels; returns a :class:`PixelCNNBernoulli`.
+    """p(x | z) for binary images, autoregressive over pixels: an ``AutoregressiveBernoulli``.
 
     Data are flat, ``(*batch, H * W)``, like every decoder here.
 
@@ -104,43 +105,5 @@ class GatedPixelCNNDecoder(nn.Module):
             v, h = layer(v, h, z)
         return self.out(h).reshape(n, self.data_dim)
 
-    def forward(self, z: Tensor) -> PixelCNNBernoulli:
-        return PixelCNNBernoulli(self, z)
-
-
-class PixelCNNBernoulli(Distribution):
-    """The distribution p(x | z) of a :class:`GatedPixelCNNDecoder`, one image per z.
-
-    ``log_prob`` scores all pixels in one pass (the network sees x, shifted so that
-    each pixel's logit depends on earlier pixels only); ``sample`` draws pixels one at a
-    time, H * W passes. It has no closed-form mean: ``mean`` raises, sample instead.
-    """
-
-    arg_constraints: dict = {}
-    support = constraints.independent(constraints.boolean, 1)
-    has_rsample = False
-
-    def __init__(self, decoder: GatedPixelCNNDecoder, z: Tensor):
-        self.decoder, self.z = decoder, z
-        super().__init__(z.shape[:-1], torch.Size([decoder.data_dim]), validate_args=False)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        d, dim = self.decoder.latent_dim, self.decoder.data_dim
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        x = value.expand(*shape, dim).reshape(-1, dim)
-        logits = self.decoder.logits(x, self.z.expand(*shape, d).reshape(-1, d))
-        return (x * logits - F.softplus(logits)).sum(-1).reshape(shape)
-
-    @torch.no_grad()
-    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        shape = torch.Size(sample_shape) + self.batch_shape
-        d, dim = self.decoder.latent_dim, self.decoder.data_dim
-        z = self.z.expand(*shape, d).reshape(-1, d)
-        x = z.new_zeros(z.shape[0], dim)
-        for i in range(dim):
-            x[:, i] = torch.bernoulli(torch.sigmoid(self.decoder.logits(x, z)[:, i]))
-        return x.reshape(*shape, dim)
-
-    @property
-    def mean(self) -> Tensor:
-        raise NotImplementedError("an autoregressive p(x | z) has no closed-form mean; sample")
+    def forward(self, z: Tensor) -> AutoregressiveBernoulli:
+        return AutoregressiveBernoulli(self, z)

@@ -20,6 +20,7 @@ import torch
 
 from .config import GapConfig, StudyConfig, to_dict
 from .data import load_dataset
+from . import distributed
 from .gaps import GapReport, gap_report
 from .plots import (
     plot_bound_against_cost,
@@ -45,10 +46,19 @@ def check_gap_config(gap: GapConfig) -> None:
         raise ValueError(f"refine_method must be one of {METHODS}, got {gap.refine_method!r}")
 
 
-def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bool) -> GapReport:
-    """The gap report of a trained model on data x, as a GapConfig describes it."""
+def measure_gaps(
+    trained: Trained,
+    x: torch.Tensor,
+    gap: GapConfig,
+    progress: bool,
+    world: distributed.World | None = None,
+) -> GapReport:
+    """The gap report of a trained model on data x, as a GapConfig describes it.
+
+    Its random draws come from ``gap.eval_seed`` block by block, so the report is the same
+    on one process and shared among the processes of ``world``.
+    """
     check_gap_config(gap)
-    torch.manual_seed(gap.eval_seed)
     latent_dim = trained.config.latent_dim
     return gap_report(
         trained.model,
@@ -70,6 +80,8 @@ def measure_gaps(trained: Trained, x: torch.Tensor, gap: GapConfig, progress: bo
         refine_steps=gap.refine_steps,
         refine_kwargs={"lr": gap.refine_lr, "method": gap.refine_method},
         batch_size=gap.eval_batch_size,
+        seed=gap.eval_seed,
+        world=world,
         progress=progress,
     )
 

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
+from .autoregressive import MADEDecoder
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
 from .data import Dataset, binarize, check_data, fixed_binarization, load_dataset
@@ -79,8 +80,12 @@ def validate(config: TrainConfig) -> None:
         (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
         (config.decoder in DECODER_KINDS, f"decoder must be one of {DECODER_KINDS}"),
         (
-            config.decoder != "pixelcnn" or config.likelihood == "bernoulli",
-            "the pixelcnn decoder models binary images: likelihood must be bernoulli",
+            config.decoder == "mlp" or config.likelihood == "bernoulli",
+            f"the {config.decoder} decoder models binary data: likelihood must be bernoulli",
+        ),
+        (
+            len(config.made_hidden) >= 1 and all(h >= 1 for h in config.made_hidden),
+            "made_hidden needs at least one size, each >= 1",
         ),
         (
             config.pixelcnn_channels >= 1 and config.pixelcnn_layers >= 1,
@@ -153,7 +158,7 @@ def validate(config: TrainConfig) -> None:
 LR_SCHEDULES = ("constant", "burda")
 #: Inference whose encoder and model learn from one objective, as DDP needs.
 DISTRIBUTED_INFERENCE = ("amortized", "savae", "iterative")
-DECODER_KINDS = ("mlp", "pixelcnn")
+DECODER_KINDS = ("mlp", "pixelcnn", "made")
 KL_SCHEDULES = ("linear", "sigmoid")
 FREE_BITS_MODES = ("dimension", "total")
 #: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
@@ -219,6 +224,10 @@ def build(
             config.latent_dim, image_shape, channels=config.pixelcnn_channels,
             layers=config.pixelcnn_layers, kernel=config.pixelcnn_kernel,
         )  # fmt: skip
+    elif config.decoder == "made":
+        decoder = MADEDecoder(
+            config.latent_dim, data_dim, hidden=config.made_hidden, activation=config.activation
+        )
     else:
         decoder = DECODERS[config.likelihood](
             config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation

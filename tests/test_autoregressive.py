@@ -1,4 +1,5 @@
-"""The gated PixelCNN decoder: causal, no blind spot, normalised, and sampled correctly."""
+"""The autoregressive decoders (gated PixelCNN, MADE): causal, no blind spot, normalised,
+and sampled correctly."""
 
 import itertools
 
@@ -6,7 +7,20 @@ import pytest
 import torch
 
 from amortized import LatentVariableModel
+from amortized.autoregressive import MADEDecoder
 from amortized.pixelcnn import GatedPixelCNNDecoder
+
+
+def pixelcnn(latent_dim, shape, **kwargs):
+    return GatedPixelCNNDecoder(latent_dim, shape, **{"channels": 8, "layers": 3, "kernel": 3,
+                                                      **kwargs})  # fmt: skip
+
+
+def made(latent_dim, shape, hidden=(16, 16)):
+    return MADEDecoder(latent_dim, shape[0] * shape[1], hidden=hidden)
+
+
+DECODERS = [pixelcnn, made]
 
 
 def _dependence(decoder, shape, z):
@@ -34,9 +48,26 @@ def test_each_logit_depends_on_every_earlier_pixel_and_no_later_one(kernel):
     assert bool((dep[~later] > 0).all()), (dep[~later] == 0).nonzero()[:5]
 
 
-def test_log_probabilities_of_all_images_sum_to_one_and_depend_on_z():
+@pytest.mark.parametrize("hidden", [(7,), (40, 40), (3, 50)])
+def test_made_logit_depends_on_every_earlier_input_and_no_later_one(hidden):
     torch.manual_seed(0)
-    decoder = GatedPixelCNNDecoder(2, (2, 3), channels=8, layers=3, kernel=3)
+    shape = (5, 6)
+    decoder = MADEDecoder(3, 30, hidden=hidden, activation="tanh").double()  # no dead ReLUs
+    dep = _dependence(decoder, shape, torch.randn(1, 3, dtype=torch.float64))
+    later = torch.triu(torch.ones(30, 30, dtype=torch.bool))
+    assert float(dep[later].max()) == 0.0
+    assert bool((dep[~later] > 0).all())
+    # the hidden units carry z to every logit, the first one included
+    z = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.bernoulli(torch.full((1, 30), 0.5, dtype=torch.float64))
+    jac = torch.autograd.functional.jacobian(lambda v: decoder.logits(x, v)[0], z)
+    assert bool((jac[:, 0, :].abs().sum(-1) > 0).all())
+
+
+@pytest.mark.parametrize("make", DECODERS)
+def test_log_probabilities_of_all_images_sum_to_one_and_depend_on_z(make):
+    torch.manual_seed(0)
+    decoder = make(2, (2, 3))
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)))  # (64, 6)
     for z in (torch.zeros(2), torch.tensor([2.0, -1.0])):
         log_p = decoder(z.expand(64, 2)).log_prob(images)
@@ -46,9 +77,10 @@ def test_log_probabilities_of_all_images_sum_to_one_and_depend_on_z():
     assert not torch.allclose(a, b)
 
 
-def test_samples_follow_the_model_s_probabilities():
+@pytest.mark.parametrize("make", DECODERS)
+def test_samples_follow_the_model_s_probabilities(make):
     torch.manual_seed(0)
-    decoder = GatedPixelCNNDecoder(2, (2, 2), channels=8, layers=2, kernel=3)
+    decoder = make(2, (2, 2))
     z = torch.tensor([0.5, -0.5])
     px = decoder(z)
     draws = px.sample((20000,))  # (20000, 4)
@@ -62,9 +94,10 @@ def test_samples_follow_the_model_s_probabilities():
     assert torch.allclose(freq, p, atol=0.018)
 
 
-def test_it_serves_as_the_model_s_decoder_with_sample_axes():
+@pytest.mark.parametrize("make", DECODERS)
+def test_it_serves_as_the_model_s_decoder_with_sample_axes(make):
     torch.manual_seed(0)
-    decoder = GatedPixelCNNDecoder(2, (3, 3), channels=4, layers=2, kernel=3)
+    decoder = make(2, (3, 3))
     model = LatentVariableModel(decoder, 2)
     x = torch.bernoulli(torch.full((5, 9), 0.5))
     z = torch.randn(7, 5, 2)
@@ -82,3 +115,5 @@ def test_bad_shapes_are_refused():
         GatedPixelCNNDecoder(2, (784,))
     with pytest.raises(ValueError, match="kernel"):
         GatedPixelCNNDecoder(2, (28, 28), kernel=4)
+    with pytest.raises(ValueError, match="hidden sizes"):
+        MADEDecoder(2, 784, hidden=())
