@@ -190,7 +190,8 @@ def main() -> None:
             )
         else:
             lines.append(
-                f"| {DECODER_NAMES[args.decoder]} VAE, {name} | {r['nll_iwae']:.2f} | {r['elbo']:.2f} | {r['kl']:.2f} "
+                f"| {DECODER_NAMES[args.decoder]} VAE, {name} | {r['nll_iwae']:.2f} "
+                f"| {r['elbo']:.2f} | {r['kl']:.2f} "
                 f"| {r['active_units']} of {args.latent_dim} | {r['mutual_information']:.2f} "
                 f"| | {r['seconds']:.0f} |"
             )

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .config import GapConfig, StudyConfig, to_dict
 from .data import load_dataset
-from . import distributed
 from .gaps import GapReport, gap_report
 from .plots import (
     plot_bound_against_cost,
