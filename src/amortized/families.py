@@ -129,7 +129,7 @@ class DiagonalGaussian(VariationalFamily):
 
     def _distribution(self, lam: Tensor) -> Distribution:
         loc, log_scale = lam.split(self.latent_dim, dim=-1)  # (batch, D) each
-        return Independent(Normal(loc, log_scale.exp()), 1)
+        return Independent(Normal(loc, log_scale.exp(), validate_args=False), 1)
 
     def prior_init(self, batch: int, device=None, dtype=None) -> Tensor:
         return torch.zeros(batch, self.num_params, device=device, dtype=dtype)

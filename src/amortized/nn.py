@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "mlp"]
+__all__ = ["ACTIVATIONS", "adam", "mlp"]
 
 #: Name -> activation module table used by configs and the command line.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -33,3 +34,18 @@ def mlp(
         layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
     layers.append(nn.Linear(sizes[-1], out_features))
     return nn.Sequential(*layers)
+
+
+def adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel where PyTorch has one (float tensors on a CPU or a GPU).
+
+    On the small networks of this field the optimizer step is a fifth of a training step,
+    and the fused kernel is about 4x faster than the default loop over tensors
+    (``benchmarks/throughput.py``); the update is the same up to rounding.
+    """
+    params = list(parameters)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+        for p in params
+    )
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)

@@ -43,7 +43,7 @@ from .families import VariationalFamily
 from .iterative import STARTS as ITERATIVE_STARTS
 from .iterative import IterativeEncoder
 from .model import LatentVariableModel
-from .nn import ACTIVATIONS
+from .nn import ACTIVATIONS, adam
 from .pixelcnn import GatedPixelCNNDecoder
 from .refine import METHODS, refine
 from .registry import FAMILIES
@@ -450,8 +450,8 @@ def _latent_record(model, encoder, family, x: Tensor, epoch: int) -> dict:
 def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient the optimizer would apply is finite (one device sync)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
-    return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+    grads = [g for g in grads if g is not None]
+    return not grads or bool(torch.nn.utils.get_total_norm(grads).isfinite())
 
 
 def _backward(loss: Tensor, parameters) -> None:
@@ -540,7 +540,7 @@ def train(
     model, encoder, family = build(config, dataset.data_dim, dataset.image_shape)
     model.to(device)
     encoder.to(device)
-    optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=config.lr)
+    optimizer = adam([*model.parameters(), *encoder.parameters()], config.lr)
     bounds: nn.Module = _Bounds(config, model, encoder, family)
     if world.size > 1:  # averages the gradients of every backward pass across processes
         ids = [device.index] if device.type == "cuda" else None

@@ -35,7 +35,7 @@ from vector_quantize_pytorch import VectorQuantize
 
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .decoders import BernoulliMLPDecoder
-from .nn import mlp
+from .nn import adam, mlp
 
 __all__ = ["VQVAE", "CodePrior", "codebook_perplexity", "fit"]
 
@@ -190,7 +190,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    optimizer = adam(module.parameters(), lr)
     order = torch.Generator().manual_seed(seed)
     epoch, log = 0, []
     if ckpt.exists():
