@@ -177,7 +177,9 @@ def load_dataset(
     """Load a dataset by name, or a user's ``.npy``/``.npz`` file, as fixed train/valid/test.
 
     Arguments:
-        name: ``"mnist5k"``, ``"binarized-mnist"``, or a path ending in ``.npy``/``.npz``.
+        name: ``"mnist5k"``, ``"binarized-mnist"``, a directory holding ``train.npy``,
+            ``valid.npy`` and ``test.npy`` (the training split is memory-mapped, not read:
+            :mod:`amortized.mapped`), or a path ending in ``.npy``/``.npz``.
             A ``.npz`` with arrays ``train`` and ``test`` (``valid`` optional: without it the
             last 10% of ``train`` becomes ``valid``), or a file with one array, split 80/10/10
             by a fixed permutation. Trailing dimensions are flattened, uint8 data with values
@@ -194,6 +196,10 @@ def load_dataset(
         ('dynamic', (28, 28), 784)
     """
     name = os.fspath(name)
+    if Path(name).expanduser().is_dir():
+        from .mapped import load_mapped_directory
+
+        return load_mapped_directory(Path(name).expanduser())
     if name.lower().endswith((".npy", ".npz")):
         return _load_user_arrays(Path(name).expanduser())
     if name == "mnist5k":

@@ -34,7 +34,7 @@ from . import distributed
 from .autoregressive import MADEDecoder
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
-from .data import Dataset, binarize, check_data, fixed_binarization, load_dataset
+from .data import DataError, Dataset, binarize, check_data, fixed_binarization, load_dataset
 from .decoders import DECODERS
 from .diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from .encoders import MLPEncoder
@@ -42,6 +42,7 @@ from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
 from .iterative import STARTS as ITERATIVE_STARTS
 from .iterative import IterativeEncoder
+from .mapped import MappedRows
 from .model import LatentVariableModel
 from .nn import ACTIVATIONS, adam
 from .pixelcnn import GatedPixelCNNDecoder
@@ -248,6 +249,15 @@ def prepare_split(dataset: Dataset, split: str, likelihood: str, seed: int = 0) 
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be train, valid or test, got {split!r}")
     x = getattr(dataset, split)
+    if isinstance(x, MappedRows):  # checked chunk by chunk when the directory was opened
+        if likelihood == "bernoulli" and dataset.binarization == "none":
+            raise DataError(
+                f"{dataset.name}/{split}: values outside [0, 1]; a Bernoulli likelihood needs "
+                "binary data or grey levels in [0, 1]"
+            )
+        if likelihood == "bernoulli" and dataset.binarization == "dynamic":
+            return x.binarized(seed=1000 * seed)
+        return x
     if likelihood == "bernoulli" and dataset.binarization == "dynamic":
         offset = {"train": 0, "valid": 1, "test": 2}[split]
         x = fixed_binarization(x, seed=1000 * seed + offset)
