@@ -247,8 +247,9 @@ def test_memory_is_bounded_by_chunking(lg, exact_posterior_lam, monkeypatch):
     value = iwae_bound(lg.model, family, lam, x, k=20000)
     assert torch.isfinite(value).all()
     torch.testing.assert_close(value, exact, rtol=0, atol=1e-8)
-    # a small bound: no decoder call sees more than MAX_CHUNK_ELEMENTS data-sized values
-    monkeypatch.setattr(estimators, "MAX_CHUNK_ELEMENTS", 1000)
+    # a small bound: no decoder call sees more than the bound's data-sized values (on this
+    # CPU, CPU_CHUNK_ELEMENTS)
+    monkeypatch.setattr(estimators, "CPU_CHUNK_ELEMENTS", 1000)
     seen = []
     hook = lg.model.decoder.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
     try:

@@ -25,8 +25,11 @@ from .model import LatentVariableModel
 
 __all__ = ["elbo", "iwae_bound", "kl_to_prior", "log_mean_weight"]
 
-#: Upper bound on the number of floats one chunk of samples may occupy per data tensor.
+#: Upper bound on the number of floats one chunk of samples may occupy per data tensor:
+#: large on a GPU (fewer launches); on a CPU a chunk whose likelihood terms stay in cache
+#: (2^21 floats, 8 MB) makes IWAE-5000 2.2x faster than one of 2^24 (benchmarks/log_px.py).
 MAX_CHUNK_ELEMENTS = 2**24
+CPU_CHUNK_ELEMENTS = 2**21
 
 
 def kl_to_prior(q: Distribution, prior: Distribution) -> Tensor | None:
@@ -50,7 +53,8 @@ def kl_to_prior(q: Distribution, prior: Distribution) -> Tensor | None:
 def _chunks(total: int, x: Tensor, chunk_size: int | None) -> list[int]:
     """Split ``total`` samples into chunks that keep ``chunk * x.numel()`` bounded."""
     if chunk_size is None:
-        chunk_size = max(1, MAX_CHUNK_ELEMENTS // max(1, x.numel()))
+        limit = CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else MAX_CHUNK_ELEMENTS
+        chunk_size = max(1, limit // max(1, x.numel()))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     sizes = [chunk_size] * (total // chunk_size)
