@@ -90,7 +90,8 @@ def sharded_report(trained: Trained, x, args) -> GapReport:
     out.mkdir(parents=True, exist_ok=True)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     shards = []
-    for k, part in enumerate(x[order].split(args.shard_size)):
+    parts = list(enumerate(x[order].split(args.shard_size)))
+    for k, part in reversed(parts) if args.reverse else parts:
         path = out / f"shard-{k:03d}.json"
         if not path.exists():
             start = time.perf_counter()
@@ -100,10 +101,10 @@ def sharded_report(trained: Trained, x, args) -> GapReport:
             report.to_json(tmp)
             os.replace(tmp, path)  # a killed run leaves no half-written shard
             print(f"{path}: {time.perf_counter() - start:.0f} s", flush=True)
-        shards.append(GapReport.from_json(path))
+        shards.append((k, GapReport.from_json(path)))
         if args.max_shards and len(shards) == args.max_shards:
             break
-    return merge_reports(shards)
+    return merge_reports([report for _, report in sorted(shards, key=lambda s: s[0])])
 
 
 def main() -> None:
@@ -118,6 +119,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--shard-dir", default="runs/cremer2018", help="finished shards")
     parser.add_argument("--max-shards", type=int, default=0, help="stop after this many")
+    parser.add_argument("--reverse", action="store_true",
+                        help="measure the shards last first: a second process started with "
+                             "--reverse shares the work with one started without")  # fmt: skip
     parser.add_argument("--output", default=None, help="also write the table as JSON")
     args = parser.parse_args()
     if args.ffg is None and args.flow is None:
