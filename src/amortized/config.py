@@ -47,12 +47,18 @@ class TrainConfig:
     hidden: tuple[int, ...] = field(
         default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200")
     )
+    encoder: str = field(
+        default="mlp", metadata=_help("mlp, or conv: stride-2 convolutions over images")
+    )
     decoder: str = field(
         default="mlp",
         metadata=_help(
-            "mlp; or autoregressive over the pixels of binary images: pixelcnn (gated "
-            "PixelCNN) or made (masked MLP)"
+            "mlp; conv (transposed convolutions, images); or autoregressive over the pixels "
+            "of binary images: pixelcnn (gated PixelCNN) or made (masked MLP)"
         ),
+    )
+    conv_channels: tuple[int, ...] = field(
+        default=(32, 64), metadata=_help("channels of the conv encoder/decoder's stages")
     )
     made_hidden: tuple[int, ...] = field(
         default=(500,), metadata=_help("hidden layer sizes of the made decoder")

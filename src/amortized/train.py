@@ -34,6 +34,7 @@ from . import distributed
 from .autoregressive import MADEDecoder
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
+from .conv import ConvDecoder, ConvEncoder
 from .data import DataError, Dataset, binarize, check_data, fixed_binarization, load_dataset
 from .decoders import DECODERS
 from .diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
@@ -81,7 +82,7 @@ def validate(config: TrainConfig) -> None:
         (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
         (config.decoder in DECODER_KINDS, f"decoder must be one of {DECODER_KINDS}"),
         (
-            config.decoder == "mlp" or config.likelihood == "bernoulli",
+            config.decoder in ("mlp", "conv") or config.likelihood == "bernoulli",
             f"the {config.decoder} decoder models binary data: likelihood must be bernoulli",
         ),
         (
@@ -95,6 +96,15 @@ def validate(config: TrainConfig) -> None:
         (
             config.pixelcnn_kernel >= 3 and config.pixelcnn_kernel % 2 == 1,
             "pixelcnn_kernel must be odd and >= 3",
+        ),
+        (config.encoder in ENCODER_KINDS, f"encoder must be one of {ENCODER_KINDS}"),
+        (
+            config.encoder == "mlp" or config.inference != "iterative",
+            "iterative inference has its own encoder: encoder must be mlp",
+        ),
+        (
+            len(config.conv_channels) >= 1 and all(c >= 1 for c in config.conv_channels),
+            "conv_channels needs at least one stage, each >= 1",
         ),
         (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
         (config.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
@@ -159,7 +169,8 @@ def validate(config: TrainConfig) -> None:
 LR_SCHEDULES = ("constant", "burda")
 #: Inference whose encoder and model learn from one objective, as DDP needs.
 DISTRIBUTED_INFERENCE = ("amortized", "savae", "iterative")
-DECODER_KINDS = ("mlp", "pixelcnn", "made")
+DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
+ENCODER_KINDS = ("mlp", "conv")
 KL_SCHEDULES = ("linear", "sigmoid")
 FREE_BITS_MODES = ("dimension", "total")
 #: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
@@ -211,37 +222,61 @@ def build(
 ) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:
     """The model, encoder and family a config describes (freshly initialised).
 
-    ``image_shape`` (height, width) is needed by the PixelCNN decoder only.
+    ``image_shape`` (height, width) is needed by the image networks (pixelcnn and conv).
     """
     validate(config)
     family = FAMILIES[config.family](config.latent_dim)
-    if config.decoder == "pixelcnn":
-        if image_shape is None or len(image_shape) != 2 or math.prod(image_shape) != data_dim:
-            raise ConfigError(
-                f"the pixelcnn decoder needs images of shape (height, width); this data has "
-                f"{data_dim} values per datapoint and image shape {image_shape}"
-            )
-        decoder = GatedPixelCNNDecoder(
-            config.latent_dim, image_shape, channels=config.pixelcnn_channels,
-            layers=config.pixelcnn_layers, kernel=config.pixelcnn_kernel,
-        )  # fmt: skip
-    elif config.decoder == "made":
-        decoder = MADEDecoder(
-            config.latent_dim, data_dim, hidden=config.made_hidden, activation=config.activation
+    images = [f"the {config.decoder} decoder"] if config.decoder in ("pixelcnn", "conv") else []
+    images += ["the conv encoder"] if config.encoder == "conv" else []
+    if images and (
+        image_shape is None or len(image_shape) != 2 or math.prod(image_shape) != data_dim
+    ):
+        raise ConfigError(
+            f"{' and '.join(images)} needs images of shape (height, width); this data has "
+            f"{data_dim} values per datapoint and image shape {image_shape}"
         )
-    else:
-        decoder = DECODERS[config.likelihood](
-            config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
-        )
+    try:  # a conv stage count that does not divide the image, ...
+        decoder = _decoder(config, data_dim, image_shape)
+        encoder = None if config.inference == "iterative" else _encoder(
+            config, data_dim, image_shape, family)  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     model = LatentVariableModel(decoder, config.latent_dim)
     if config.inference == "iterative":
         encoder = IterativeEncoder(
             model, family, data_dim, iterations=config.iterations, hidden=config.hidden,
             activation=config.activation, start=config.iterative_start,
         )  # fmt: skip
-    else:
-        encoder = MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
     return model, encoder, family
+
+
+def _decoder(config: TrainConfig, data_dim: int, image_shape) -> nn.Module:
+    if config.decoder == "pixelcnn":
+        return GatedPixelCNNDecoder(
+            config.latent_dim, image_shape, channels=config.pixelcnn_channels,
+            layers=config.pixelcnn_layers, kernel=config.pixelcnn_kernel,
+        )  # fmt: skip
+    if config.decoder == "made":
+        return MADEDecoder(
+            config.latent_dim, data_dim, hidden=config.made_hidden, activation=config.activation
+        )
+    if config.decoder == "conv":
+        return ConvDecoder(
+            config.latent_dim, image_shape, channels=config.conv_channels,
+            likelihood=config.likelihood, activation=config.activation,
+        )  # fmt: skip
+    return DECODERS[config.likelihood](
+        config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
+    )
+
+
+def _encoder(config: TrainConfig, data_dim: int, image_shape, family) -> nn.Module:
+    if config.encoder == "conv":
+        return ConvEncoder(
+            image_shape, family, channels=config.conv_channels, hidden=config.hidden[-1:],
+            activation=config.activation,
+        )  # fmt: skip
+    return MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
 
 
 def prepare_split(dataset: Dataset, split: str, likelihood: str, seed: int = 0) -> Tensor:
