@@ -160,6 +160,20 @@ def test_step_budget_caps_every_row(lg, x):
     assert fit.trace["step"] == [50, 80]
 
 
+def test_without_a_tolerance_every_row_takes_every_step_and_nothing_is_checked(
+    lg, x, monkeypatch
+):
+    import amortized.local as local
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("the plateau check ran although no row can plateau")
+
+    monkeypatch.setattr(local, "_paired_gain", no_check)
+    fit = fit_local(lg.model, DiagonalGaussian(3), x, steps=60, check_every=25, tol=-float("inf"))
+    assert bool((fit.steps == 60).all()) and not bool(fit.converged.any())
+    assert fit.trace["step"] == [25, 50, 60]
+
+
 def test_batch_size_gives_the_same_quality(lg, x, diagonal_fit):
     family = DiagonalGaussian(3)
     torch.manual_seed(6)
