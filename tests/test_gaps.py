@@ -194,6 +194,13 @@ def test_to_json_round_trips(setup, tmp_path):
     assert json.loads(report.to_json(per_datapoint=False))["per_datapoint"] == {}
     back = GapReport.from_json(path)
     assert back.to_dict() == report.to_dict()
+    # a report written before refinement existed reads as one with no refinement, and
+    # merges with newer ones
+    old = json.loads(path.read_text())
+    del old["settings"]["refine_kwargs"], old["refinement"]
+    older = GapReport.from_dict(old)
+    assert older.settings == report.settings and older.refinement == {}
+    assert merge_reports([older, back]).n == 2 * report.n
 
 
 def test_merging_shards_is_the_report_of_their_union(setup):

@@ -94,6 +94,8 @@ class GapReport:
         """Inverse of :meth:`to_dict` (a report read back from its JSON)."""
         data = dict(data)
         data.setdefault("refinement", {})
+        # reports written before refinement existed: no refinement was measured
+        data["settings"] = {"refine_kwargs": {}, **data["settings"]}
 
         def quantities(d):
             return {k: Quantity(**v) for k, v in d.items()}
