@@ -100,8 +100,7 @@ def run_vqvae(data: Dataset, x_test, args, out: Path) -> dict:
             perplexity = codebook_perplexity(vq.codes(valid), args.vq_codebook)[0]
             return {"valid_bound_uniform": float(vq.bound(valid).mean()), "perplexity": perplexity}
 
-    start = time.perf_counter()
-    fit(vq, vq.loss, data.train, vq_score, out / "vqvae", epochs=args.epochs)
+    log = fit(vq, vq.loss, data.train, vq_score, out / "vqvae", epochs=args.epochs)
     with torch.no_grad():
         train_codes = torch.cat([vq.codes(xb) for xb in data.train.split(1000)])
     prior = CodePrior(args.vq_codebook, args.vq_latents)
@@ -113,16 +112,18 @@ def run_vqvae(data: Dataset, x_test, args, out: Path) -> dict:
         with torch.no_grad():
             return {"valid_bound_prior": float(vq.bound(valid, prior).mean())}
 
-    fit(prior, prior_loss, train_codes, prior_score, out / "vqvae-prior", epochs=args.prior_epochs)
-    seconds = time.perf_counter() - start
+    log += fit(prior, prior_loss, train_codes, prior_score, out / "vqvae-prior",
+               epochs=args.prior_epochs)  # fmt: skip
+    seconds = sum(m["seconds"] for m in log)  # training, resumed runs included
+    shown = torch.linspace(0, len(x_test) - 1, 10).long()  # the test split is sorted by digit
     with torch.no_grad():
         codes = vq.codes(x_test)
         perplexity, used = codebook_perplexity(codes, args.vq_codebook)
         uniform, learned = vq.bound(x_test), vq.bound(x_test, prior)
-        recon = torch.sigmoid(vq.decode(codes[:10]).base_dist.logits)
+        recon = torch.sigmoid(vq.decode(codes[shown]).base_dist.logits)
         samples = torch.sigmoid(vq.decode(prior.sample(10)).base_dist.logits)
     plot_images(
-        {"test data": x_test[:10].numpy(), "VQ-VAE reconstruction (mean)": recon.numpy(),
+        {"test data": x_test[shown].numpy(), "VQ-VAE reconstruction (mean)": recon.numpy(),
          "samples (codes from the learned prior)": samples.numpy()},
         (28, 28), out / "vqvae_images.png",
     )  # fmt: skip
