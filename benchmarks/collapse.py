@@ -192,7 +192,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     lines = [
-        f"binarized MNIST, {len(data.train)} training images, {args.epochs} epochs; "
+        f"binarized MNIST, {len(data.train)} training images, {args.epochs} epochs "
+        f"(SA-VAE {args.savae_epochs}); "
         f"{len(x_test)} random test images; NLL by IWAE-{args.iwae_k} (VAEs) or the VQ-VAE's "
         "bound; KL, active units and I(x; z) of the encoder's q on the same images.",
         "",
