@@ -56,6 +56,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -585,18 +586,8 @@ def _load_user_arrays(path: Path) -> Dataset:
         )
 
     splits = (train, valid, test)
-    if all(bool(((s == 0) | (s == 1)).all()) for s in splits):
-        binarization = "static"
-    elif all(bool((s.min() >= 0) & (s.max() <= 1)) for s in splits):
-        binarization = "dynamic"
-    else:
-        binarization = "none"
-    if len(event_shape) == 2:
-        image_shape: tuple[int, ...] | None = tuple(int(d) for d in event_shape)
-    elif train.shape[1] == _MNIST_PIXELS:
-        image_shape = (28, 28)
-    else:
-        image_shape = None
+    binarization = binarization_of(splits, splits)
+    image_shape = image_shape_of(event_shape, train.shape[1])
     return Dataset(
         name=path.name,
         train=train,
@@ -680,6 +671,25 @@ def check_data(x: object, *, likelihood: str = "bernoulli", name: str = "data") 
                 "(amortized.data.binarize)"
             )
     return t
+
+
+def binarization_of(in_unit_parts: Iterable[torch.Tensor], binary_parts: Iterable[torch.Tensor]
+                    ) -> str:  # fmt: skip
+    """How Bernoulli models should see data, from its parts (splits, or chunks of one):
+    ``"static"`` if every value is 0 or 1, ``"dynamic"`` if all lie in [0, 1], else
+    ``"none"``. The parts are iterated lazily, the binary ones only if all are in [0, 1].
+    """
+    if not all(bool((x >= 0).all() and (x <= 1).all()) for x in in_unit_parts):
+        return "none"
+    return "static" if all(bool(((x == 0) | (x == 1)).all()) for x in binary_parts) else "dynamic"
+
+
+def image_shape_of(event_shape: tuple[int, ...], data_dim: int) -> tuple[int, ...] | None:
+    """(height, width) of stored datapoints: their own 2-d shape, 28 x 28 for flat rows of
+    784 values (MNIST-like), else None."""
+    if len(event_shape) == 2:
+        return tuple(int(d) for d in event_shape)
+    return (28, 28) if data_dim == _MNIST_PIXELS else None
 
 
 def _is_int(t: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ each row from a stream seeded by (seed, row), so any subset of rows sees the sam
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import _MNIST_PIXELS, DataError, Dataset, check_data
+from .data import DataError, Dataset, binarization_of, check_data, image_shape_of
 
 __all__ = ["MappedRows", "load_mapped_directory"]
 
@@ -151,20 +152,13 @@ def load_mapped_directory(path: Path) -> Dataset:
         train.divide_by, train_low, train_high = 255.0, train_low / 255, train_high / 255
     splits = {s: x / 255 if rescale and held_out[s].dtype == np.uint8 else x
               for s, x in held.items()}  # fmt: skip
-    in_unit = 0 <= train_low and train_high <= 1
-    in_unit = in_unit and all(bool((x >= 0).all() and (x <= 1).all()) for x in splits.values())
-    binary = all(bool(((x == 0) | (x == 1)).all()) for x in splits.values())
-    if in_unit and binary and _all_binary(train):
-        binarization = "static"
-    elif in_unit:
-        binarization = "dynamic"
-    else:
-        binarization = "none"
-    event = shapes["train"]
-    if len(event) == 2:
-        image_shape: tuple[int, ...] | None = tuple(int(d) for d in event)
-    else:
-        image_shape = (28, 28) if train.shape[1] == _MNIST_PIXELS else None
+    # the train split's range stands in for its values in the [0, 1] test; its chunks are
+    # read again (lazily) only for the {0, 1} test
+    train_range = torch.tensor([train_low, train_high])
+    binarization = binarization_of(
+        [train_range, *splits.values()], itertools.chain(splits.values(), _chunks(train))
+    )
+    image_shape = image_shape_of(shapes["train"], train.shape[1])
     return Dataset(path.name, train, splits["valid"], splits["test"], binarization, image_shape)
 
 
@@ -179,10 +173,7 @@ def _range_in_chunks(array: np.ndarray, source: Path) -> tuple[float, float]:
     return low, high
 
 
-def _all_binary(rows: MappedRows) -> bool:
-    """Whether every (scaled) value of the mapped rows is 0 or 1, a chunk at a time."""
+def _chunks(rows: MappedRows):
+    """The (scaled) mapped rows, a chunk at a time."""
     for start in range(0, len(rows), CHECK_ROWS):
-        chunk = rows[start : start + CHECK_ROWS]
-        if not bool(((chunk == 0) | (chunk == 1)).all()):
-            return False
-    return True
+        yield rows[start : start + CHECK_ROWS]
