@@ -6,7 +6,7 @@ Both start from the encoder's q (the gap report draws them from q*, which costs 
 per evaluation). IWAE-k evaluates the decoder k times per image; AIS with S steps, C
 chains and L leapfrog steps evaluates it and its gradient C (S L + S) times. Achieved
 FLOP/s counts the decoder's matrix products (a gradient costs twice a forward pass) and
-is compared with this machine's float32 matmul peak, measured the same way as in
+is compared with this machine's float32 matmul peak (``peak.py``), as in
 ``throughput.py``. Pass ``--device cuda`` where a GPU is available.
 """
 
@@ -17,6 +17,7 @@ import math
 import time
 
 import torch
+from peak import peak_flops, sync
 
 from amortized import iwae_bound
 from amortized.ais import ais
@@ -28,24 +29,6 @@ def decoder_macs(model) -> int:
     """Multiply-adds of one decoder pass for one z (its Linear layers)."""
     return sum(m.in_features * m.out_features for m in model.decoder.modules()
                if isinstance(m, torch.nn.Linear))  # fmt: skip
-
-
-def peak_flops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -73,7 +56,7 @@ def main() -> None:
 
     rows = []
     torch.manual_seed(0)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         values = torch.cat([
@@ -81,20 +64,20 @@ def main() -> None:
                        args.iwae_k)
             for i in range(0, len(x), args.iwae_batch)
         ])  # fmt: skip
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     flops = 2 * macs * args.iwae_k * len(x)
     rows.append((f"IWAE-{args.iwae_k}", seconds, float(values.mean()), flops))
 
     torch.manual_seed(0)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     values = torch.cat([
         ais(model, x[i : i + args.ais_batch], family, lam[i : i + args.ais_batch],
             steps=args.ais_steps, chains=args.ais_chains).log_px
         for i in range(0, len(x), args.ais_batch)
     ])  # fmt: skip
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     passes = args.ais_chains * args.ais_steps * (leapfrog + 1)  # gradients and energies
     flops = 2 * macs * 3 * passes * len(x)  # a gradient pass counted as 3 forward passes

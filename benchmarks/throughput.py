@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peak import peak_flops
 
 from amortized.config import TrainConfig
 from amortized.data import Dataset, load_dataset
@@ -47,17 +48,6 @@ def flops_per_image() -> float:
     dec = [LATENT, *HIDDEN, DATA]
     macs = sum(a * b for net in (enc, dec) for a, b in zip(net[:-1], net[1:], strict=True))
     return 3 * 2 * macs
-
-
-def peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
 
 
 def ours(data: Dataset, epochs: int) -> float:
