@@ -41,7 +41,7 @@ from amortized.data import Dataset, load_dataset
 from amortized.diagnostics import latent_diagnostics
 from amortized.estimators import elbo, iwae_bound
 from amortized.plots import plot_images, plot_latent_use
-from amortized.train import evaluation_subset, train
+from amortized.train import evaluation_subset, read_metrics, train
 from amortized.vqvae import VQVAE, CodePrior, codebook_perplexity, fit
 
 REMEDIES = {
@@ -178,7 +178,7 @@ def main() -> None:
         )  # fmt: skip
         start = time.perf_counter()
         trained = train(config, out / name, dataset=data)
-        metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").open()]
+        metrics = read_metrics(out / name)
         plot_latent_use(metrics, out / f"{name}_latent_use.png")
         torch.manual_seed(0)
         results[name] = score_vae(trained, x_test, args.iwae_k) | {

@@ -35,11 +35,11 @@ import torch
 
 from amortized.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from amortized.data import load_dataset
+from amortized.train import read_metrics
 
 
 def _metrics(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(run)]
 
 
 def _same_run(a: Path, b: Path) -> bool:

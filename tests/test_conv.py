@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from amortized import DiagonalGaussian, LatentVariableModel, elbo
 from amortized.config import ConfigError, TrainConfig
 from amortized.conv import ConvDecoder, ConvEncoder
 from amortized.data import Dataset, load_dataset
-from amortized.train import build, load_run, train
+from amortized.train import build, load_run, read_metrics, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,7 +61,7 @@ def test_a_conv_vae_trains_and_reloads(tiny, tmp_path):
     config = TrainConfig(encoder="conv", decoder="conv", conv_channels=(4, 8), hidden=(32,),
                          latent_dim=2, epochs=3, batch_size=50, progress=False)  # fmt: skip
     trained = train(config, tmp_path / "run", dataset=tiny)
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    metrics = read_metrics(tmp_path / "run")
     assert metrics[-1]["valid_elbo"] > metrics[0]["valid_elbo"]
     loaded = load_run(tmp_path / "run")
     x = tiny.valid[:5].round()

@@ -13,7 +13,7 @@ import torch
 
 from amortized.config import ConfigError, TrainConfig
 from amortized.data import load_dataset
-from amortized.train import load_run, train
+from amortized.train import load_run, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_two_processes_train_in_step_and_rank_0_writes_the_run(tiny_npz, tmp_pat
     done = _torchrun(args, tmp_path)
     # train() raises on every process if their parameters drift apart (assert_in_sync)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]  # one line per epoch: rank 0 alone writes
     assert metrics[-1]["best_valid_elbo"] > metrics[0]["valid_elbo"]
     trained = load_run(run)

@@ -160,9 +160,7 @@ def test_step_budget_caps_every_row(lg, x):
     assert fit.trace["step"] == [50, 80]
 
 
-def test_without_a_tolerance_every_row_takes_every_step_and_nothing_is_checked(
-    lg, x, monkeypatch
-):
+def test_without_a_tolerance_every_row_takes_every_step_and_nothing_is_checked(lg, x, monkeypatch):
     import amortized.local as local
 
     def no_check(*args, **kwargs):

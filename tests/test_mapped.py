@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 from amortized.config import TrainConfig
 from amortized.data import DataError, fixed_binarization, load_dataset
 from amortized.mapped import MappedRows
-from amortized.train import evaluation_subset, prepare_split, train
+from amortized.train import evaluation_subset, prepare_split, read_metrics, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,8 +30,7 @@ def _write(directory, arrays):
 
 
 def _metrics(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(run_dir)]
 
 
 def test_a_directory_maps_the_training_rows_and_reads_the_same_values(grey, tmp_path):

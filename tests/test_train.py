@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -20,7 +19,7 @@ from amortized.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from amortized.config import ConfigError, TrainConfig, load_config, save_config
 from amortized.data import Dataset, load_dataset
 from amortized.iterative import IterativeEncoder
-from amortized.train import build, load_run, train, training_bounds
+from amortized.train import build, load_run, read_metrics, train, training_bounds
 
 TINY = dict(latent_dim=2, hidden=(16,), epochs=4, batch_size=50, progress=False, patience=50)
 
@@ -32,8 +31,7 @@ def tiny_data() -> Dataset:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(run_dir)]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

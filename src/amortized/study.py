@@ -32,7 +32,7 @@ from .plots import (
 )
 from .refine import METHODS
 from .registry import FAMILIES
-from .train import Trained, evaluation_subset, prepare_split, train
+from .train import Trained, evaluation_subset, prepare_split, read_metrics, train
 
 __all__ = ["run_study", "measure_gaps"]
 
@@ -105,9 +105,7 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
         reports[split] = measure_gaps(trained, x.to(device), config.gap, config.train.progress)
         reports[split].to_json(run_dir / f"gaps_{split}.json")
 
-    metrics_path = run_dir / "metrics.jsonl"  # absent when no epoch ran (--epochs 0)
-    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    metrics = [json.loads(line) for line in lines]
+    metrics = read_metrics(run_dir)  # [] when no epoch ran (--epochs 0)
     figures = _figures(trained, reports, metrics, test_x, run_dir)
     results = {
         "config": to_dict(config),

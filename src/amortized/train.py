@@ -55,6 +55,7 @@ __all__ = [
     "build",
     "train",
     "load_run",
+    "read_metrics",
     "prepare_split",
     "evaluation_subset",
     "evaluate_elbo",
@@ -786,3 +787,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
     model.to(device).eval()
     encoder.to(device).eval()
     return Trained(model, encoder, family, config, image_shape, run_dir)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of ``run_dir/metrics.jsonl``, oldest first ([] before any)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
