@@ -1,7 +1,7 @@
 """VAE training throughput: our trainer against a minimal hand-written loop, Pyro and pythae.
 
     pip install -e '.[bench]'          # Pyro and pythae (optional: skipped when absent)
-    python benchmarks/throughput.py --data-dir ../shared/data --rounds 5
+    python benchmarks/throughput.py --data-dir ../shared/data --rounds 5   # --device cuda on a GPU
 
 The workload is ``--epochs`` epochs (default 3) of the 784-200-200-50 Bernoulli MLP VAE
 (tanh, diagonal Gaussian encoder, ELBO with the analytic KL, one sample, Adam, batch 100)
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peak import peak_flops
+from peak import peak_flops, sync
 
 from amortized.config import TrainConfig
 from amortized.data import Dataset, load_dataset
@@ -55,21 +55,27 @@ def flops_per_image() -> float:
     return 3 * 2 * macs
 
 
-def ours(data: Dataset, epochs: int) -> float:
-    config = TrainConfig(epochs=epochs, progress=False, diagnostics_points=100, seed=0)
+def ours(data: Dataset, epochs: int, device: torch.device) -> float:
+    config = TrainConfig(
+        epochs=epochs, progress=False, diagnostics_points=100, seed=0, device=str(device)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         train(config, Path(tmp), dataset=data)
+        sync(device)
         return time.perf_counter() - start
 
 
 def hand_loop(x: torch.Tensor, epochs: int) -> float:
     torch.manual_seed(0)
-    encoder = mlp(DATA, HIDDEN, 2 * LATENT, "tanh")
-    decoder = mlp(LATENT, HIDDEN, DATA, "tanh")
+    encoder = mlp(DATA, HIDDEN, 2 * LATENT, "tanh").to(x.device)
+    decoder = mlp(LATENT, HIDDEN, DATA, "tanh").to(x.device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
+    sync(x.device)
     start = time.perf_counter()
-    for idx in torch.cat([torch.randperm(x.shape[0]) for _ in range(epochs)]).split(100):
+    for idx in torch.cat(
+        [torch.randperm(x.shape[0], device=x.device) for _ in range(epochs)]
+    ).split(100):
         xb = x[idx]
         mu, log_sigma = encoder(xb).chunk(2, dim=-1)
         z = mu + log_sigma.exp() * torch.randn_like(mu)
@@ -80,6 +86,7 @@ def hand_loop(x: torch.Tensor, epochs: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    sync(x.device)
     return time.perf_counter() - start
 
 
@@ -90,8 +97,8 @@ def pyro_svi(x: torch.Tensor, epochs: int) -> float:
 
     pyro.clear_param_store()
     torch.manual_seed(0)
-    encoder = mlp(DATA, HIDDEN, 2 * LATENT, "tanh")
-    decoder = mlp(LATENT, HIDDEN, DATA, "tanh")
+    encoder = mlp(DATA, HIDDEN, 2 * LATENT, "tanh").to(x.device)
+    decoder = mlp(LATENT, HIDDEN, DATA, "tanh").to(x.device)
 
     def model(xb):
         pyro.module("decoder", decoder)
@@ -107,9 +114,13 @@ def pyro_svi(x: torch.Tensor, epochs: int) -> float:
             pyro.sample("z", dist.Normal(mu, log_sigma.exp()).to_event(1))
 
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=TraceMeanField_ELBO())
+    sync(x.device)
     start = time.perf_counter()
-    for idx in torch.cat([torch.randperm(x.shape[0]) for _ in range(epochs)]).split(100):
+    for idx in torch.cat(
+        [torch.randperm(x.shape[0], device=x.device) for _ in range(epochs)]
+    ).split(100):
         svi.step(x[idx])
+    sync(x.device)
     return time.perf_counter() - start
 
 
@@ -143,14 +154,16 @@ def pythae_trainer(x: torch.Tensor, epochs: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         training = BaseTrainerConfig(
             output_dir=tmp, num_epochs=epochs, per_device_train_batch_size=100,
-            learning_rate=1e-3, optimizer_cls="Adam", no_cuda=True,
+            learning_rate=1e-3, optimizer_cls="Adam", no_cuda=x.device.type != "cuda",
         )  # fmt: skip
-        trainer = BaseTrainer(model, BaseDataset(x, torch.zeros(len(x))), training_config=training)
+        dataset = BaseDataset(x.cpu(), torch.zeros(len(x)))  # its DataLoader moves batches
+        trainer = BaseTrainer(model, dataset, training_config=training)
         start = time.perf_counter()
         logging.disable(logging.INFO)  # its banners; the progress bars go to a buffer
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 trainer.train()
+            sync(x.device)
         finally:
             logging.disable(logging.NOTSET)
         return time.perf_counter() - start
@@ -162,12 +175,18 @@ def main() -> None:
     ap.add_argument("--train-points", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3, help="epochs per timed call")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
     full = load_dataset("binarized-mnist", args.data_dir)
     x = full.train[: args.train_points]
     data = Dataset("bench", x, full.valid[:100], full.test[:100], "static", (28, 28))
     e = args.epochs
-    contenders = {"amortized": lambda: ours(data, e), "hand loop": lambda: hand_loop(x, e)}
+    x = x.to(device)  # the data lives on the device, as in our trainer
+    contenders = {
+        "amortized": lambda: ours(data, e, device),
+        "hand loop": lambda: hand_loop(x, e),
+    }
     try:
         import pyro  # noqa: F401
 
@@ -187,10 +206,11 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(contenders[name]())
-    peak = peak_flops()
+    peak = peak_flops(device)
     flops = flops_per_image() * len(x) * e
     hand = statistics.median(times["hand loop"])
     print(f"{len(x)} images per epoch, {e} epochs per call, {args.rounds} alternating rounds, "
+          f"device {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
     print("\n| trainer | epoch s (median, min-max) | images/s | throughput vs hand loop | "
