@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from amortized import LatentVariableModel
-from amortized.autoregressive import MADEDecoder
+from amortized.autoregressive import MADEDecoder, WithoutLatent
+from amortized.config import ConfigError, TrainConfig
 from amortized.pixelcnn import GatedPixelCNNDecoder
+from amortized.train import build
 
 
 def pixelcnn(latent_dim, shape, **kwargs):
@@ -108,6 +110,28 @@ def test_it_serves_as_the_model_s_decoder_with_sample_axes(make):
     assert model.sample(4).shape == (4, 9)
     with pytest.raises(NotImplementedError, match="no closed-form mean"):
         _ = decoder(z).mean
+
+
+@pytest.mark.parametrize("make", DECODERS)
+def test_without_latent_is_the_network_at_z_zero_for_every_z(make):
+    torch.manual_seed(0)
+    network = make(2, (2, 3))
+    decoder = WithoutLatent(network)
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)))  # (64, 6)
+    reference = network(torch.zeros(64, 2)).log_prob(images)
+    for z in (torch.zeros(64, 2), torch.full((64, 2), 3.0), torch.randn(64, 2)):
+        log_p = decoder(z).log_prob(images)
+        assert torch.equal(log_p, reference)
+        assert float(torch.logsumexp(log_p, 0)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_config_builds_a_decoder_without_latent_only_for_autoregressive_decoders():
+    config = TrainConfig(decoder="made", made_hidden=(8,), latent_dim=2, decoder_uses_z=False)
+    model, _, _ = build(config, 9, (3, 3))
+    assert isinstance(model.decoder, WithoutLatent)
+    assert isinstance(model.decoder.network, MADEDecoder)
+    with pytest.raises(ConfigError, match="decoder_uses_z"):
+        build(TrainConfig(decoder="mlp", decoder_uses_z=False), 9, (3, 3))
 
 
 def test_bad_shapes_are_refused():

@@ -24,7 +24,7 @@ from zuko.nn import MaskedLinear
 
 from .nn import ACTIVATIONS
 
-__all__ = ["AutoregressiveBernoulli", "MADEDecoder"]
+__all__ = ["AutoregressiveBernoulli", "MADEDecoder", "WithoutLatent"]
 
 
 class AutoregressiveBernoulli(Distribution):
@@ -112,6 +112,35 @@ class MADEDecoder(nn.Module):
     def logits(self, x: Tensor, z: Tensor) -> Tensor:
         """Logit of every x_i given x_<i and z: x ``(n, data_dim)``, z ``(n, latent_dim)``."""
         return self.net(torch.cat([x, z], -1)) + self.direct(x)
+
+    def forward(self, z: Tensor) -> AutoregressiveBernoulli:
+        return AutoregressiveBernoulli(self, z)
+
+
+class WithoutLatent(nn.Module):
+    """An autoregressive decoder that ignores z: the fully collapsed model, as a reference.
+
+    ``logits(x, z)`` is the wrapped network's with z set to zero, so p(x | z) = p(x) and
+    the best q(z | x) is the prior. Trained as a VAE, it measures what the latent code
+    buys: the gap between its log-likelihood and a z-conditioned decoder's.
+
+    Example:
+        >>> decoder = WithoutLatent(MADEDecoder(latent_dim=2, data_dim=5, hidden=(8,)))
+        >>> x = torch.ones(3, 5)
+        >>> a, b = decoder(torch.zeros(3, 2)).log_prob(x), decoder(torch.ones(3, 2)).log_prob(x)
+        >>> torch.equal(a, b)
+        True
+    """
+
+    likelihood = "bernoulli"
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        self.latent_dim, self.data_dim = network.latent_dim, network.data_dim
+
+    def logits(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.network.logits(x, torch.zeros_like(z))
 
     def forward(self, z: Tensor) -> AutoregressiveBernoulli:
         return AutoregressiveBernoulli(self, z)

@@ -63,6 +63,13 @@ class TrainConfig:
     made_hidden: tuple[int, ...] = field(
         default=(500,), metadata=_help("hidden layer sizes of the made decoder")
     )
+    decoder_uses_z: bool = field(
+        default=True,
+        metadata=_help(
+            "false: the made or pixelcnn decoder ignores z, the fully collapsed model that "
+            "shows what the latent code buys"
+        ),
+    )
     pixelcnn_channels: int = field(default=32, metadata=_help("channels of the PixelCNN"))
     pixelcnn_layers: int = field(default=5, metadata=_help("gated layers of the PixelCNN"))
     pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN"))

@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
-from .autoregressive import MADEDecoder
+from .autoregressive import MADEDecoder, WithoutLatent
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
 from .conv import ConvDecoder, ConvEncoder
@@ -85,6 +85,10 @@ def validate(config: TrainConfig) -> None:
         (
             config.decoder in ("mlp", "conv") or config.likelihood == "bernoulli",
             f"the {config.decoder} decoder models binary data: likelihood must be bernoulli",
+        ),
+        (
+            config.decoder_uses_z or config.decoder in AUTOREGRESSIVE,
+            "decoder_uses_z = false needs an autoregressive decoder (made or pixelcnn)",
         ),
         (
             len(config.made_hidden) >= 1 and all(h >= 1 for h in config.made_hidden),
@@ -171,6 +175,7 @@ LR_SCHEDULES = ("constant", "burda")
 #: Inference whose encoder and model learn from one objective, as DDP needs.
 DISTRIBUTED_INFERENCE = ("amortized", "savae", "iterative")
 DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
+AUTOREGRESSIVE = ("pixelcnn", "made")
 ENCODER_KINDS = ("mlp", "conv")
 KL_SCHEDULES = ("linear", "sigmoid")
 FREE_BITS_MODES = ("dimension", "total")
@@ -252,6 +257,8 @@ def build(
 
 
 def _decoder(config: TrainConfig, data_dim: int, image_shape) -> nn.Module:
+    if config.decoder in AUTOREGRESSIVE and not config.decoder_uses_z:
+        return WithoutLatent(_decoder(replace(config, decoder_uses_z=True), data_dim, image_shape))
     if config.decoder == "pixelcnn":
         return GatedPixelCNNDecoder(
             config.latent_dim, image_shape, channels=config.pixelcnn_channels,
