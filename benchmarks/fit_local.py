@@ -8,6 +8,7 @@ answers agree. A third row runs ``fit_local`` with its default stopping rule.
 
     python benchmarks/fit_local.py                     # random-init 784-200-200-50 model
     python benchmarks/fit_local.py --run-dir runs/bmnist-ffg --data-dir ../shared/data
+    python benchmarks/fit_local.py ... --device cuda      # on a GPU
 
 Prints one table; figures go into benchmarks/RESULTS.md by hand, with the machine.
 """
@@ -19,6 +20,7 @@ import platform
 import time
 
 import torch
+from peak import sync
 
 from amortized import DiagonalGaussian, elbo, fit_local
 from amortized.config import TrainConfig
@@ -31,7 +33,7 @@ def loop_fit(model, family, x, steps, lr, samples):
     out = []
     for i in range(x.shape[0]):
         xi = x[i : i + 1]
-        lam = family.prior_init(1).requires_grad_(True)
+        lam = family.prior_init(1, device=x.device).requires_grad_(True)
         opt = torch.optim.Adam([lam], lr=lr)
         for _ in range(steps):
             loss = -elbo(model, family, lam, xi, samples).sum()
@@ -39,6 +41,7 @@ def loop_fit(model, family, x, steps, lr, samples):
             loss.backward()
             opt.step()
         out.append(lam.detach())
+    sync(x.device)
     return torch.cat(out)
 
 
@@ -82,6 +85,7 @@ def pyro_fit(model, family, x, steps, lr, samples, until=None, evaluate=None, ch
         start = time.perf_counter()
         for _ in range(steps if until is None else check_every):
             svi.step(x)
+        sync(x.device)
         seconds += time.perf_counter() - start
         taken += steps if until is None else check_every
         if until is not None and evaluate(lam(), x) >= until:
@@ -99,19 +103,22 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--skip-stopping-rule", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
     torch.manual_seed(0)
     if args.run_dir:
-        trained = load_run(args.run_dir)
+        trained = load_run(args.run_dir, device=device)
         model, family = trained.model, trained.family
         dataset = load_dataset(trained.config.dataset, args.data_dir)
     else:
         model, _, family = build(TrainConfig(), 784)
+        model.to(device)
         dataset = load_dataset("mnist5k")
     for p in model.parameters():
         p.requires_grad_(False)
-    x = prepare_split(dataset, "test", "bernoulli")[: args.batched_points]
+    x = prepare_split(dataset, "test", "bernoulli")[: args.batched_points].to(device)
     assert isinstance(family, DiagonalGaussian)
 
     def evaluate(lam, xs):
@@ -129,6 +136,7 @@ def main() -> None:
 
     start = time.perf_counter()
     fit = fit_local(model, family, x, tol=-float("inf"), **common)  # never stops early
+    sync(device)
     seconds = time.perf_counter() - start
     rows.append(("fit_local, fixed steps", len(x), seconds, evaluate(fit.lam, x), args.steps))
     same = evaluate(fit.lam[: args.loop_points], x[: args.loop_points])
@@ -136,6 +144,7 @@ def main() -> None:
     if not args.skip_stopping_rule:
         start = time.perf_counter()
         fit = fit_local(model, family, x, steps=2000, lr=args.lr, samples=args.samples)
+        sync(device)
         seconds = time.perf_counter() - start
         rows.append(("fit_local, stopping rule (<= 2000)", len(x), seconds,
                      evaluate(fit.lam, x), float(fit.steps.float().mean())))  # fmt: skip
