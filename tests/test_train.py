@@ -189,6 +189,10 @@ def test_resuming_with_another_config_is_refused(tiny_data, tmp_path):
     train(TrainConfig(**TINY), tmp_path, dataset=tiny_data)
     with pytest.raises(ConfigError, match="different config"):
         train(TrainConfig(**{**TINY, "lr": 0.01}), tmp_path, dataset=tiny_data)
+    before = _metrics(tmp_path)
+    # where the data are read from is not part of a run: a moved data directory resumes
+    train(TrainConfig(**{**TINY, "data_dir": str(tmp_path / "moved")}), tmp_path, dataset=tiny_data)
+    assert _metrics(tmp_path) == before
 
 
 def test_a_run_saved_before_new_config_fields_existed_resumes(tiny_data, tmp_path):

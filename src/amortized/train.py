@@ -526,8 +526,9 @@ def _completed(config: dict) -> dict:
 
 
 def _identity(config: dict) -> dict:
-    """The settings that define a run's result (not where or how verbosely it runs)."""
-    return {k: v for k, v in config.items() if k not in ("device", "progress")}
+    """The settings that define a run's result (not where it runs, where its files are
+    read from, or how verbosely)."""
+    return {k: v for k, v in config.items() if k not in ("device", "data_dir", "progress")}
 
 
 def _truncate_metrics(path: Path, epochs: int) -> None:
