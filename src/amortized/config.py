@@ -22,7 +22,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "GapConfig", "StudyConfig", "ConfigError", "load_config", "save_config"]
+__all__ = [
+    "TrainConfig",
+    "GapConfig",
+    "StudyConfig",
+    "CollapseConfig",
+    "ConfigError",
+    "load_config",
+    "save_config",
+]
 
 
 class ConfigError(ValueError):
@@ -185,6 +193,49 @@ class StudyConfig:
     train_subset: int = field(
         default=500, metadata=_help("training points on which the gaps are also measured")
     )
+
+
+REMEDY_NAMES = ("plain", "kl-annealing", "free-bits", "aggressive", "savae", "decoder-alone")
+
+
+@dataclass
+class CollapseConfig:
+    """The posterior-collapse study: an autoregressive-decoder VAE trained plain and with
+    each remedy, the decoder alone, and a VQ-VAE, on the same data."""
+
+    dataset: str = field(
+        default="binarized-mnist", metadata=_help("a binary (or [0, 1]) image dataset")
+    )
+    data_dir: str = field(default="", metadata=_help("directory with dataset files"))
+    decoder: str = field(
+        default="made", metadata=_help("made (masked MLP) or pixelcnn (gated PixelCNN)")
+    )
+    made_hidden: tuple[int, ...] = field(
+        default=(500,), metadata=_help("hidden layer sizes of the made decoder")
+    )
+    pixelcnn_channels: int = field(default=8, metadata=_help("channels of the PixelCNN"))
+    pixelcnn_layers: int = field(default=8, metadata=_help("gated layers of the PixelCNN"))
+    pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN"))
+    latent_dim: int = field(default=32, metadata=_help("dimension of z"))
+    remedies: tuple[str, ...] = field(
+        default=REMEDY_NAMES, metadata=_help(f"the VAEs to train, from {','.join(REMEDY_NAMES)}")
+    )
+    epochs: int = field(default=40, metadata=_help("epochs of every VAE but SA-VAE"))
+    savae_epochs: int = field(
+        default=10, metadata=_help("epochs of SA-VAE (a step costs about 15 plain steps)")
+    )
+    train_points: int = field(default=0, metadata=_help("training subset (0: all)"))
+    valid_points: int = field(default=1000, metadata=_help("validation subset (0: all)"))
+    test_points: int = field(default=500, metadata=_help("random test images scored (0: all)"))
+    iwae_k: int = field(default=100, metadata=_help("samples of the IWAE NLL estimate"))
+    vqvae: bool = field(default=True, metadata=_help("train and score the VQ-VAE"))
+    vq_latents: int = field(default=16, metadata=_help("codes per image of the VQ-VAE"))
+    vq_code_dim: int = field(default=16, metadata=_help("dimension of a codebook vector"))
+    vq_codebook: int = field(default=64, metadata=_help("codebook entries"))
+    prior_epochs: int = field(default=20, metadata=_help("epochs of the VQ-VAE's code prior"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    device: str = field(default="cpu", metadata=_help("cpu, cuda, ..."))
+    progress: bool = field(default=False, metadata=_help("show progress bars"))
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -1,0 +1,274 @@
+r"""The posterior-collapse study: does the latent code survive a decoder that can do without it?
+
+One autoregressive decoder conditioned on z (a MADE or a gated PixelCNN) and one MLP
+encoder, trained several ways on the same data (:data:`REMEDIES`):
+
+- ``plain``: the ELBO from the first step (no KL warm-up), the setting that collapses;
+- ``kl-annealing``: the KL weight rises along a sigmoid over the first 10 epochs;
+- ``free-bits``: a floor of 0.25 nats of KL per latent dimension (Kingma et al. 2016);
+- ``aggressive``: encoder-only steps before each decoder step while I(x; z) rises
+  (He et al. 2019);
+- ``savae``: semi-amortized training (Kim et al. 2018), for ``savae_epochs`` epochs; its
+  row measures the encoder's q, before the refinement steps it was trained through;
+- ``decoder-alone``: the same decoder with z cut off, collapsed by construction: its NLL is
+  what the latent code is measured against.
+
+A VQ-VAE (MLP encoder and decoder, discrete codes) sits in the same table, scored by its
+bound under a uniform code prior and under a GRU prior fitted to its training codes.
+
+Every model is scored on the same random test images: an IWAE-k estimate of the NLL, the
+ELBO, the KL, active units and I(x; z) of the encoder's q, and the VQ-VAE's codebook
+perplexity. :func:`run_collapse_study` writes ``report.md`` (the table, the KL per
+dimension over training of every VAE, the VQ-VAE's reconstructions), ``results.json`` and
+one run directory per model; rerun it after a kill and finished runs are only rescored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import REMEDY_NAMES, CollapseConfig, ConfigError, TrainConfig, save_config, to_dict
+from .data import Dataset, load_dataset
+from .diagnostics import collapse_warning, latent_diagnostics
+from .estimators import elbo, iwae_bound
+from .plots import plot_images, plot_latent_use
+from .train import Trained, evaluation_subset, prepare_split, read_metrics, train
+from .vqvae import VQVAE, CodePrior, codebook_perplexity, fit
+
+__all__ = ["REMEDIES", "run_collapse_study", "score_vae"]
+
+#: The training settings of each row; everything else is shared.
+REMEDIES: dict[str, dict] = {
+    "plain": {"warmup_epochs": 0.0},
+    "kl-annealing": {"warmup_epochs": 10.0, "kl_schedule": "sigmoid"},
+    "free-bits": {"warmup_epochs": 0.0, "free_bits": 0.25, "free_bits_mode": "dimension"},
+    "aggressive": {"warmup_epochs": 0.0, "aggressive": True},
+    # Kim et al. (2018): 5 momentum-SGD steps from the encoder's output, trained through
+    "savae": {
+        "warmup_epochs": 0.0,
+        "inference": "savae",
+        "svi_steps": 5,
+        "svi_method": "sgd",
+        "svi_lr": 0.01,
+    },
+    "decoder-alone": {"warmup_epochs": 0.0, "decoder_uses_z": False},
+}
+assert tuple(REMEDIES) == REMEDY_NAMES
+
+DECODER_NAMES = {"pixelcnn": "PixelCNN", "made": "MADE"}
+
+
+def validate(config: CollapseConfig) -> None:
+    """Reject settings that cannot work, with one line naming the field."""
+    unknown = sorted(set(config.remedies) - set(REMEDIES))
+    checks = [
+        (config.decoder in DECODER_NAMES, f"decoder must be one of {tuple(DECODER_NAMES)}"),
+        (not unknown, f"remedies: unknown {unknown}; choose from {','.join(REMEDIES)}"),
+        (config.remedies or config.vqvae, "remedies is empty and vqvae is off: nothing to run"),
+        (config.epochs >= 1 and config.savae_epochs >= 1, "epochs and savae_epochs must be >= 1"),
+        (config.prior_epochs >= 1, "prior_epochs must be >= 1"),
+        (config.iwae_k >= 1, "iwae_k must be >= 1"),
+        (
+            min(config.train_points, config.valid_points, config.test_points) >= 0,
+            "train_points, valid_points and test_points must be >= 0 (0: all)",
+        ),
+        (
+            min(config.vq_latents, config.vq_code_dim, config.vq_codebook) >= 1,
+            "vq_latents, vq_code_dim and vq_codebook must be >= 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def train_config(config: CollapseConfig, remedy: str) -> TrainConfig:
+    """The TrainConfig of one row: the shared model, the remedy's training settings."""
+    epochs = config.savae_epochs if remedy == "savae" else config.epochs
+    return TrainConfig(
+        dataset=config.dataset, data_dir=config.data_dir, latent_dim=config.latent_dim,
+        decoder=config.decoder, made_hidden=config.made_hidden,
+        pixelcnn_channels=config.pixelcnn_channels, pixelcnn_layers=config.pixelcnn_layers,
+        pixelcnn_kernel=config.pixelcnn_kernel, epochs=epochs, patience=epochs,
+        valid_samples=1, seed=config.seed, device=config.device, progress=config.progress,
+        **REMEDIES[remedy],
+    )  # fmt: skip
+
+
+def score_vae(trained: Trained, x: Tensor, k: int, batch: int = 10) -> dict:
+    """IWAE-k NLL, 10-sample ELBO and the latent code's use (KL, active units, I(x; z)) of
+    the encoder's q on x."""
+    model, encoder, family = trained.model, trained.encoder, trained.family
+    iwae, bound = [], []
+    with torch.no_grad():
+        lam = encoder(x)
+        for i in range(0, len(x), batch):
+            xb, lb = x[i : i + batch], lam[i : i + batch]
+            iwae.append(iwae_bound(model, family, lb, xb, k))
+            bound.append(elbo(model, family, lb, xb, 10))
+    diag = latent_diagnostics(family, lam, model.prior)
+    return {
+        "nll_iwae": -float(torch.cat(iwae).mean()),
+        "elbo": float(torch.cat(bound).mean()),
+        "kl": diag.kl,
+        "kl_per_dim": diag.kl_per_dim,
+        "active_units": diag.active_units,
+        "mutual_information": diag.mutual_information,
+        "collapsed": collapse_warning(diag) is not None,
+    }
+
+
+def _vqvae(config: CollapseConfig, data: Dataset, x_test: Tensor, out: Path) -> dict:
+    """Train (or resume) the VQ-VAE and its code prior; score them on x_test."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    vq = VQVAE(
+        x_test.shape[1], latents=config.vq_latents, code_dim=config.vq_code_dim,
+        codebook_size=config.vq_codebook,
+    ).to(device)  # fmt: skip
+    train_x = prepare_split(data, "train", "bernoulli", config.seed).to(device)
+    valid_x = prepare_split(data, "valid", "bernoulli", config.seed).to(device)
+
+    def vq_score() -> dict:
+        with torch.no_grad():
+            bound = float(vq.bound(valid_x).mean())
+            perplexity = codebook_perplexity(vq.codes(valid_x), config.vq_codebook)[0]
+            return {"valid_bound_uniform": bound, "perplexity": perplexity}
+
+    log = fit(vq, vq.loss, train_x, vq_score, out / "vqvae", epochs=config.epochs, seed=config.seed)
+    with torch.no_grad():
+        train_codes = torch.cat([vq.codes(xb) for xb in train_x.split(1000)])
+    prior = CodePrior(config.vq_codebook, config.vq_latents).to(device)
+
+    def prior_loss(codes: Tensor) -> Tensor:
+        return -prior.log_prob(codes).mean()
+
+    def prior_score() -> dict:
+        with torch.no_grad():
+            return {"valid_bound_prior": float(vq.bound(valid_x, prior).mean())}
+
+    log += fit(prior, prior_loss, train_codes, prior_score, out / "vqvae-prior",
+               epochs=config.prior_epochs, seed=config.seed)  # fmt: skip
+    shown = torch.linspace(0, len(x_test) - 1, min(10, len(x_test))).long()  # spread out
+    with torch.no_grad():
+        codes = vq.codes(x_test)
+        perplexity, used = codebook_perplexity(codes, config.vq_codebook)
+        uniform, learned = vq.bound(x_test), vq.bound(x_test, prior)
+        recon = torch.sigmoid(vq.decode(codes[shown]).base_dist.logits)
+        samples = torch.sigmoid(vq.decode(prior.sample(len(shown))).base_dist.logits)
+    if data.image_shape is not None:
+        plot_images(
+            {"test data": x_test[shown].cpu().numpy(),
+             "VQ-VAE reconstruction (mean)": recon.cpu().numpy(),
+             "samples (codes from the learned prior)": samples.cpu().numpy()},
+            data.image_shape, out / "vqvae_images.png",
+        )  # fmt: skip
+    return {
+        "nll_uniform_prior": -float(uniform.mean()),
+        "nll_learned_prior": -float(learned.mean()),
+        "perplexity": perplexity,
+        "codes_used": used,
+        "codebook_size": config.vq_codebook,
+        "seconds": sum(m["seconds"] for m in log),  # training, resumed runs included
+    }
+
+
+def run_collapse_study(
+    config: CollapseConfig, run_dir: str | Path, dataset: Dataset | None = None
+) -> dict:
+    """Train (or resume) every model of the study in ``run_dir``, score them on the same
+    test images, and write ``report.md``, ``results.json`` and the figures there."""
+    validate(config)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.toml")
+    start = time.perf_counter()
+    data = dataset or load_dataset(config.dataset, config.data_dir or None)
+    data = replace(
+        data,
+        train=evaluation_subset(data.train, config.train_points, config.seed),
+        valid=evaluation_subset(data.valid, config.valid_points, config.seed),
+    )
+    x_test = prepare_split(data, "test", "bernoulli", config.seed)
+    x_test = evaluation_subset(x_test, config.test_points, config.seed).to(config.device)
+
+    rows: dict[str, dict] = {}
+    for name in config.remedies:
+        trained = train(train_config(config, name), run_dir / name, dataset=data)
+        metrics = read_metrics(run_dir / name)
+        if metrics and "kl_per_dim" in metrics[-1]:
+            plot_latent_use(metrics, run_dir / f"{name}_latent_use.png")
+        torch.manual_seed(config.seed)
+        rows[name] = score_vae(trained, x_test, config.iwae_k) | {
+            "epochs": len(metrics),
+            "seconds": sum(m["seconds"] for m in metrics),
+        }
+    if config.vqvae:
+        rows["vq-vae"] = _vqvae(config, data, x_test, run_dir)
+
+    results = {
+        "config": to_dict(config),
+        "data": {"train": len(data.train), "valid": len(data.valid), "test": len(x_test)},
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "report.md").write_text(_report(config, data.name, results))
+    return results
+
+
+def _report(config: CollapseConfig, name: str, results: dict) -> str:
+    rows, data = results["rows"], results["data"]
+    decoder = DECODER_NAMES[config.decoder]
+    shared = train_config(config, "plain")
+    lines = [
+        f"# Posterior collapse: a {decoder} decoder on {name}",
+        "",
+        f"{data['train']} training images, {config.epochs} epochs (SA-VAE "
+        f"{config.savae_epochs}), batch {shared.batch_size}, Adam {shared.lr:g}; "
+        f"{data['test']} random test images. "
+        f"NLL: IWAE-{config.iwae_k} from the encoder's q (VAEs) or the VQ-VAE's bound. KL, "
+        "active units (Var_x E_q[z_u] > 0.01) and I(x; z): the encoder's q on the same "
+        "images. Collapsed: no active unit, or under 1 nat of KL.",
+        "",
+        "| model | NLL | ELBO | KL | active units | I(x; z) | collapsed | codebook perplexity "
+        "| training s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        if name == "vq-vae":
+            lines.append(
+                f"| VQ-VAE, uniform prior / learned prior | {r['nll_uniform_prior']:.2f} / "
+                f"{r['nll_learned_prior']:.2f} | | | | | | {r['perplexity']:.1f} of "
+                f"{r['codebook_size']} ({r['codes_used']} used) | {r['seconds']:.0f} |"
+            )
+            continue
+        alone = name == "decoder-alone"
+        label = f"{decoder} alone (z cut off)" if alone else f"{decoder} VAE, {name}"
+        lines.append(
+            f"| {label} | {r['nll_iwae']:.2f} | {r['elbo']:.2f} | {r['kl']:.2f} "
+            f"| {r['active_units']} of {config.latent_dim} | {r['mutual_information']:.2f} "
+            f"| {'yes' if r['collapsed'] else 'no'} | | {r['seconds']:.0f} |"
+        )
+    if "decoder-alone" in rows:
+        alone = rows["decoder-alone"]["nll_iwae"]
+        lines += ["", f"What the latent code buys (NLL of the decoder alone, {alone:.2f}, minus "
+                  "each VAE's):", ""]  # fmt: skip
+        for name, r in rows.items():
+            if name not in ("decoder-alone", "vq-vae"):
+                lines.append(f"- {name}: {alone - r['nll_iwae']:+.2f} nats")
+    figures = [name for name in rows if name != "vq-vae"]
+    if figures:
+        lines += ["", "## KL per latent dimension over training", ""]
+        lines += [f"![{name}]({name}_latent_use.png)" for name in figures]
+    if "vq-vae" in rows:
+        lines += ["", "## VQ-VAE reconstructions", "", "![VQ-VAE](vqvae_images.png)"]
+    seconds = results["seconds"]
+    lines += ["", f"Study wall time {seconds:.0f} s (a rerun only rescores finished runs)."]
+    return "\n".join(lines) + "\n"
