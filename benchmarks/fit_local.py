@@ -10,7 +10,10 @@ answers agree. A third row runs ``fit_local`` with its default stopping rule.
     python benchmarks/fit_local.py --run-dir runs/bmnist-ffg --data-dir ../shared/data
     python benchmarks/fit_local.py ... --device cuda      # on a GPU
 
-Prints one table; figures go into benchmarks/RESULTS.md by hand, with the machine.
+Achieved FLOP/s counts the decoder's matrix products of the gradient steps only (its
+forward and input-gradient backward per sample; the stopping rule's checks are not
+counted), against this machine's matmul peak. Prints one table; figures go into
+benchmarks/RESULTS.md by hand, with the machine.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import platform
 import time
 
 import torch
-from peak import sync
+from peak import decoder_macs, peak_flops, sync
 
 from amortized import DiagonalGaussian, elbo, fit_local
 from amortized.config import TrainConfig
@@ -160,13 +163,19 @@ def main() -> None:
         lam, taken, seconds = pyro_fit(model, family, x, **common, until=target, evaluate=evaluate)
         rows.append((PYRO_EQUAL, len(x), seconds, evaluate(lam, x), taken))
 
+    # a step's arithmetic per datapoint: the decoder's forward and its input-gradient
+    # backward (no weight gradients: the model is fixed), 2 x 2 MACs per sample
+    step_flops = 4 * decoder_macs(model) * args.samples
+    peak = peak_flops(device)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model: {args.run_dir or 'random init'}")  # fmt: skip
-    print(
-        f"{'route':38s} {'points':>6s} {'seconds':>8s} {'points/s':>9s} {'ELBO':>9s} {'steps':>6s}"
-    )
+          f"{torch.get_num_threads()} threads, device {device}; matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s; model: {args.run_dir or 'random init'}")  # fmt: skip
+    print(f"{'route':38s} {'points':>6s} {'seconds':>8s} {'points/s':>9s} {'ELBO':>9s} "
+          f"{'steps':>6s} {'GFLOP/s':>8s} {'of peak':>7s}")  # fmt: skip
     for name, n, sec, value, steps in rows:
-        print(f"{name:38s} {n:6d} {sec:8.2f} {n / sec:9.2f} {value:9.3f} {steps:6.0f}")
+        achieved = n * steps * step_flops / sec
+        print(f"{name:38s} {n:6d} {sec:8.2f} {n / sec:9.2f} {value:9.3f} {steps:6.0f} "
+              f"{achieved / 1e9:8.2f} {achieved / peak:7.1%}")  # fmt: skip
     print(f"fit_local fixed steps on the loop's {args.loop_points} points: ELBO {same:.3f}")
     rate = {name: n / sec for name, n, sec, _, _ in rows}
     ours = rate["fit_local, fixed steps"]

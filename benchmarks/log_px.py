@@ -17,18 +17,12 @@ import math
 import time
 
 import torch
-from peak import peak_flops, sync
+from peak import decoder_macs, peak_flops, sync
 
 from amortized import iwae_bound
 from amortized.ais import ais
 from amortized.data import load_dataset
 from amortized.train import evaluation_subset, load_run, prepare_split
-
-
-def decoder_macs(model) -> int:
-    """Multiply-adds of one decoder pass for one z (its Linear layers)."""
-    return sum(m.in_features * m.out_features for m in model.decoder.modules()
-               if isinstance(m, torch.nn.Linear))  # fmt: skip
 
 
 def main() -> None:

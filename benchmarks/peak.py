@@ -1,4 +1,5 @@
-"""This machine's matmul peak, the yardstick of the benchmarks' achieved FLOP/s."""
+"""This machine's matmul peak, the yardstick of the benchmarks' achieved FLOP/s, and the
+arithmetic they count."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def peak_flops(device: torch.device | str = "cpu", size: int = 2048, repeats: in
         sync(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / min(times)
+
+
+def decoder_macs(model) -> int:
+    """Multiply-adds of one decoder pass for one z (its Linear layers)."""
+    return sum(m.in_features * m.out_features for m in model.decoder.modules()
+               if isinstance(m, torch.nn.Linear))  # fmt: skip
