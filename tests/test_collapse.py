@@ -118,3 +118,13 @@ def test_the_command_line_reports_a_bad_remedy_in_one_line(tmp_path, capsys):
     code = main(["collapse", "--run-dir", str(tmp_path), "--remedies", "plain,nope"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "unknown ['nope']" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "option", ["--epochs=two", "--made-hidden=5,x", "--seed=s", "--iwae-k=1.5"]
+)
+def test_the_command_line_refuses_values_of_the_wrong_type_in_one_line(option, tmp_path, capsys):
+    code = main(["collapse", "--run-dir", str(tmp_path), option])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and option.split("=")[0] in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written
