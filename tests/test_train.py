@@ -603,3 +603,37 @@ def test_an_aggressive_run_killed_after_a_checkpoint_resumes_exactly(
     monkeypatch.undo()
     train(config, tmp_path / "killed", dataset=tiny_data)
     _assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_gradient_clipping_scales_the_total_norm_down_and_only_down():
+    from amortized.train import _finite_gradients
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([a, b], lr=1.0)
+
+    def set_grads(scale):
+        a.grad = torch.tensor([3.0, 0.0, 4.0]) * scale  # norm 5 * scale
+        b.grad = torch.zeros(4)
+
+    set_grads(2.0)  # total norm 10
+    assert _finite_gradients(optimizer, max_norm=1.0)
+    assert float(torch.linalg.vector_norm(torch.cat([a.grad, b.grad]))) == pytest.approx(1.0, 1e-5)
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.0, 0.8]), atol=1e-6)  # direction kept
+    set_grads(2.0)
+    assert _finite_gradients(optimizer, max_norm=100.0)
+    assert torch.equal(a.grad, torch.tensor([6.0, 0.0, 8.0]))  # under the cap: untouched
+    set_grads(float("nan"))
+    assert not _finite_gradients(optimizer, max_norm=1.0)
+
+
+def test_a_clip_that_never_binds_changes_nothing_and_one_that_binds_changes_the_run(
+    tiny_data, tmp_path
+):
+    train(TrainConfig(**TINY), tmp_path / "free", dataset=tiny_data)
+    train(TrainConfig(**TINY, grad_clip=1e9), tmp_path / "loose", dataset=tiny_data)
+    train(TrainConfig(**TINY, grad_clip=1e-3), tmp_path / "tight", dataset=tiny_data)
+    assert _metrics(tmp_path / "loose") == _metrics(tmp_path / "free")
+    loss = [m["train_loss"] for m in _metrics(tmp_path / "tight")]
+    assert loss != [m["train_loss"] for m in _metrics(tmp_path / "free")]
+    with pytest.raises(ConfigError, match="grad_clip"):
+        train(TrainConfig(**TINY, grad_clip=-1.0), tmp_path / "bad", dataset=tiny_data)

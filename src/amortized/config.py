@@ -106,6 +106,10 @@ class TrainConfig:
     epochs: int = field(default=100, metadata=_help("maximum training epochs"))
     batch_size: int = field(default=100, metadata=_help("minibatch size"))
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    grad_clip: float = field(
+        default=0.0,
+        metadata=_help("clip each step's gradient to this total norm (0: no clipping)"),
+    )
     lr_schedule: str = field(
         default="constant",
         metadata=_help(

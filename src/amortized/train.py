@@ -120,6 +120,10 @@ def validate(config: TrainConfig) -> None:
         (config.epochs >= 0, "epochs must be >= 0"),
         (config.batch_size >= 1, "batch_size must be >= 1"),
         (config.lr > 0 and math.isfinite(config.lr), "lr must be a positive number"),
+        (
+            config.grad_clip >= 0 and math.isfinite(config.grad_clip),
+            "grad_clip must be a number >= 0 (0: no clipping)",
+        ),
         (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
         (config.inference in INFERENCE, f"inference must be one of {INFERENCE}"),
         (config.svi_steps >= 0, "svi_steps must be >= 0"),
@@ -451,7 +455,7 @@ def _aggressive_encoder_steps(config, model, encoder, family, optimizer, draw, b
         loss = -_objective(config, model, family, encoder(xb), xb, beta).mean()
         optimizer.zero_grad(set_to_none=True)
         _backward(loss, encoder.parameters())
-        if torch.isfinite(loss) and _finite_gradients(optimizer):
+        if torch.isfinite(loss) and _finite_gradients(optimizer, config.grad_clip):
             optimizer.step()
         window.append(float(loss.detach()))
         if len(window) == AGGRESSIVE_WINDOW:
@@ -500,11 +504,19 @@ def _latent_record(model, encoder, family, x: Tensor, epoch: int) -> dict:
     }
 
 
-def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer would apply is finite (one device sync)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    grads = [g for g in grads if g is not None]
-    return not grads or bool(torch.nn.utils.get_total_norm(grads).isfinite())
+def _finite_gradients(optimizer: torch.optim.Optimizer, max_norm: float = 0.0) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one device sync); when
+    they are and ``max_norm > 0``, scales them down to at most that total norm."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not bool(norm.isfinite()):
+        return False
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return True
 
 
 def _backward(loss: Tensor, parameters) -> None:
@@ -681,7 +693,7 @@ def train(
                 _backward(loss, model.parameters())
                 if encoder_loss is not None:
                     _backward(encoder_loss, encoder.parameters())
-            if not _finite_gradients(optimizer):
+            if not _finite_gradients(optimizer, config.grad_clip):
                 skipped += 1
                 warnings.warn(f"non-finite gradient at step {step}; step skipped", stacklevel=1)
                 optimizer.zero_grad(set_to_none=True)
