@@ -27,7 +27,7 @@ def tiny_npz(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["study"], ["train"], ["gap"], ["download"]])
+@pytest.mark.parametrize("command", [[], ["study"], ["train"], ["gap"], ["collapse"], ["download"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -137,3 +137,18 @@ def test_study_with_the_autoregressive_decoder_shows_draws(tiny_npz, tmp_path):
     assert "## Is the latent code used?" in (run / "report.md").read_text()
     results = json.loads((run / "results.json").read_text())
     assert results["config"]["train"]["decoder"] == "pixelcnn"
+
+
+def test_warnings_are_shown_as_one_line_each_and_the_usual_display_comes_back(capsys):
+    import warnings
+
+    from amortized.cli import _plain_warnings
+
+    usual = warnings.showwarning
+    with _plain_warnings(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("epoch 1: latent code collapsing: KL 0.001 nats per datapoint", stacklevel=1)
+    assert capsys.readouterr().err == (
+        "amortized: warning: epoch 1: latent code collapsing: KL 0.001 nats per datapoint\n"
+    )
+    assert warnings.showwarning is usual

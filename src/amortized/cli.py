@@ -8,10 +8,12 @@ the command line, the TOML files and the Python API share one set of names and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +204,22 @@ def _download(args: argparse.Namespace) -> None:
     print(f"binarized MNIST is in {path}")
 
 
+@contextlib.contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """Show warnings as one line each (``amortized: warning: ...``), not with the source
+    line that raised them."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"amortized: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
@@ -212,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "download": _download,
     }
     try:
-        commands[args.command](args)
+        with _plain_warnings():
+            commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, ValueError) as err:
         message = " ".join(str(err).split("\n"))  # one line, whatever the error quotes
         print(f"amortized {args.command}: error: {message}", file=sys.stderr)
