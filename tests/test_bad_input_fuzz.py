@@ -25,7 +25,7 @@ INTS = {"latent_dim": 1, "samples": 1, "epochs": 0, "batch_size": 1, "patience":
         "valid_samples": 1, "svi_steps": 0, "iterations": 1, "pixelcnn_channels": 1,
         "pixelcnn_layers": 1, "seed": None}  # fmt: skip
 #: float settings: True where 0 is allowed
-FLOATS = {"lr": False, "svi_lr": False, "warmup_epochs": True, "free_bits": True}
+FLOATS = {"lr": False, "svi_lr": False, "warmup_epochs": True, "free_bits": True, "grad_clip": True}
 CHOICES = {
     "likelihood": DECODERS, "family": FAMILIES, "objective": train_module.OBJECTIVES,
     "inference": train_module.INFERENCE, "svi_method": METHODS,
