@@ -79,7 +79,7 @@ def _one_line_error(argv, capsys) -> str:
         assert not run.exists()
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith("amortized train: error: ")
+    assert err.startswith(f"amortized {argv[0]}: error: ")
     return err
 
 
@@ -129,3 +129,34 @@ def test_config_files_that_are_not_toml_or_name_unknown_settings(raw, capsys):
         if data is not None and set(data) <= known:
             return  # valid TOML naming known settings only: not malformed
         _one_line_error(["train", "--config", str(path)], capsys)
+
+
+#: the collapse study's integer settings and their smallest valid value
+COLLAPSE_INTS = {"epochs": 1, "savae_epochs": 1, "prior_epochs": 1, "iwae_k": 1,
+                 "latent_dim": 1, "train_points": 0, "valid_points": 0, "test_points": 0,
+                 "vq_latents": 1, "vq_code_dim": 1, "vq_codebook": 1,
+                 "pixelcnn_channels": 1, "pixelcnn_layers": 1}  # fmt: skip
+
+
+@st.composite
+def bad_collapse_option(draw):
+    if draw(st.booleans()):
+        return "decoder", draw(texts.filter(lambda s: s.lower() not in ("made", "pixelcnn")))
+    name = draw(st.sampled_from(sorted(COLLAPSE_INTS)))
+    return name, draw(
+        st.one_of(
+            texts.filter(lambda s: not _is_number(s)),
+            st.floats(0.1, 0.9).map(lambda v: str(v + 3)),
+            st.integers(max_value=COLLAPSE_INTS[name] - 1).map(str),
+        )
+    )
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(option=bad_collapse_option())
+def test_bad_collapse_study_values(option, capsys):
+    name, value = option
+    err = _one_line_error(["collapse", f"--{name.replace('_', '-')}={value}"], capsys)
+    assert name in err or name.replace("_", "-") in err

@@ -39,6 +39,7 @@ from .diagnostics import collapse_warning, latent_diagnostics
 from .estimators import elbo, iwae_bound
 from .plots import plot_images, plot_latent_use
 from .train import Trained, evaluation_subset, prepare_split, read_metrics, train
+from .train import validate as validate_training
 from .vqvae import VQVAE, CodePrior, codebook_perplexity, fit
 
 __all__ = ["REMEDIES", "run_collapse_study", "score_vae"]
@@ -86,6 +87,8 @@ def validate(config: CollapseConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for name in config.remedies:  # every row's training settings, before anything is written
+        validate_training(train_config(config, name))
 
 
 def train_config(config: CollapseConfig, remedy: str) -> TrainConfig:
