@@ -128,3 +128,14 @@ def test_the_command_line_refuses_values_of_the_wrong_type_in_one_line(option, t
     err = capsys.readouterr().err.strip()
     assert code == 2 and option.split("=")[0] in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_study_runs_with_the_pixelcnn_decoder(strokes, tmp_path):
+    config = CollapseConfig(**{**SMALL, "decoder": "pixelcnn", "pixelcnn_channels": 4,
+                               "pixelcnn_layers": 2, "pixelcnn_kernel": 3,
+                               "remedies": ("plain", "decoder-alone"), "vqvae": False})  # fmt: skip
+    rows = run_collapse_study(config, tmp_path, dataset=strokes)["rows"]
+    assert list(rows) == ["plain", "decoder-alone"]
+    assert rows["decoder-alone"]["active_units"] == 0 or rows["decoder-alone"]["kl"] < 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "PixelCNN VAE, plain" in report and "PixelCNN alone (z cut off)" in report
