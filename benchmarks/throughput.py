@@ -16,8 +16,9 @@ medians with the spread (min-max) and ratios to the hand loop:
 - ``hand loop``: the same model and update in a dozen lines of PyTorch;
 - ``pyro``: ``pyro.infer.SVI`` with ``TraceMeanField_ELBO`` (analytic KL), an amortized
   guide and ``pyro.plate`` over the minibatch;
-- ``pythae``: one call of pythae's ``BaseTrainer`` on its ``VAE`` (BCE reconstruction on
-  sigmoid outputs, the same networks), no evaluation set, its final save included.
+- ``pythae``: one ``train()`` of pythae's ``BaseTrainer`` on its ``VAE`` (BCE reconstruction
+  on sigmoid outputs, the same networks), no evaluation set, its final save included and
+  the trainer's construction not timed.
 
 Achieved FLOP/s counts the matrix products of the forward and backward passes (3 times
 the forward's 2 * multiply-adds) and is compared with this machine's measured peak, a
