@@ -46,19 +46,23 @@ def _is_number(text: str) -> bool:
 texts = st.text(min_size=1, max_size=12).filter(lambda s: s.strip() == s and "\x00" not in s)
 
 
+def bad_int(low: int | None):
+    """Values an integer setting whose smallest valid value is ``low`` must refuse."""
+    options = [
+        texts.filter(lambda s: not _is_number(s)),
+        st.floats(0.1, 0.9).map(lambda v: str(v + 3)),
+    ]
+    if low is not None:
+        options.append(st.integers(max_value=low - 1).map(str))
+    return st.one_of(*options)
+
+
 @st.composite
 def bad_option(draw):
     kind = draw(st.sampled_from(["int", "float", "choice"]))
     if kind == "int":
         name = draw(st.sampled_from(sorted(INTS)))
-        low = INTS[name]
-        options = [
-            texts.filter(lambda s: not _is_number(s)),
-            st.floats(0.1, 0.9).map(lambda v: str(v + 3)),
-        ]
-        if low is not None:
-            options.append(st.integers(max_value=low - 1).map(str))
-        return name, draw(st.one_of(*options))
+        return name, draw(bad_int(INTS[name]))
     if kind == "float":
         name = draw(st.sampled_from(sorted(FLOATS)))
         negative = st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False).map(repr)
@@ -83,14 +87,19 @@ def _one_line_error(argv, capsys) -> str:
     return err
 
 
+def _refused_by_name(command: str, option: tuple[str, str], capsys) -> None:
+    """``--name=value`` is refused in one line that names the setting."""
+    name, value = option
+    err = _one_line_error([command, f"--{name.replace('_', '-')}={value}"], capsys)
+    assert name in err or name.replace("_", "-") in err
+
+
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(option=bad_option())
 def test_bad_command_line_values(option, capsys):
-    name, value = option
-    err = _one_line_error(["train", f"--{name.replace('_', '-')}={value}"], capsys)
-    assert name in err or name.replace("_", "-") in err
+    _refused_by_name("train", option, capsys)
 
 
 @settings(
@@ -143,13 +152,7 @@ def bad_collapse_option(draw):
     if draw(st.booleans()):
         return "decoder", draw(texts.filter(lambda s: s.lower() not in ("made", "pixelcnn")))
     name = draw(st.sampled_from(sorted(COLLAPSE_INTS)))
-    return name, draw(
-        st.one_of(
-            texts.filter(lambda s: not _is_number(s)),
-            st.floats(0.1, 0.9).map(lambda v: str(v + 3)),
-            st.integers(max_value=COLLAPSE_INTS[name] - 1).map(str),
-        )
-    )
+    return name, draw(bad_int(COLLAPSE_INTS[name]))
 
 
 @settings(
@@ -157,6 +160,4 @@ def bad_collapse_option(draw):
 )
 @given(option=bad_collapse_option())
 def test_bad_collapse_study_values(option, capsys):
-    name, value = option
-    err = _one_line_error(["collapse", f"--{name.replace('_', '-')}={value}"], capsys)
-    assert name in err or name.replace("_", "-") in err
+    _refused_by_name("collapse", option, capsys)
