@@ -113,7 +113,8 @@ class TrainConfig:
     lr_schedule: str = field(
         default="constant",
         metadata=_help(
-            "constant, or burda: stage i of 3^i epochs at lr * 10^(-i/7) (Burda et al. 2016)"
+            "constant; burda: stage i of 3^i epochs at lr * 10^(-i/7) (Burda et al. 2016); "
+            "cosine: epoch e at lr * (1 + cos(pi e / epochs)) / 2"
         ),
     )
     warmup_epochs: float = field(

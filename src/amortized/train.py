@@ -175,7 +175,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(message)
 
 
-LR_SCHEDULES = ("constant", "burda")
+LR_SCHEDULES = ("constant", "burda", "cosine")
 #: Inference whose encoder and model learn from one objective, as DDP needs.
 DISTRIBUTED_INFERENCE = ("amortized", "savae", "iterative")
 DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
@@ -211,15 +211,21 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     """The learning rate of (0-based) ``epoch`` under ``config.lr_schedule``.
 
     ``burda`` is the schedule of Burda, Grosse & Salakhutdinov (2016): stage i lasts 3^i
-    epochs at ``lr * 10^(-i/7)``; stages 0..7 make their 3280 epochs.
+    epochs at ``lr * 10^(-i/7)``; stages 0..7 make their 3280 epochs. ``cosine`` falls from
+    ``lr`` at the first epoch along half a cosine, towards 0 after the last.
 
     Example:
         >>> c = TrainConfig(lr_schedule="burda")
         >>> [round(learning_rate(c, e) / c.lr, 3) for e in (0, 1, 3, 4, 12, 13)]
         [1.0, 0.72, 0.72, 0.518, 0.518, 0.373]
+        >>> c = TrainConfig(lr_schedule="cosine", epochs=4)
+        >>> [round(learning_rate(c, e) / c.lr, 3) for e in range(4)]
+        [1.0, 0.854, 0.5, 0.146]
     """
     if config.lr_schedule == "constant":
         return config.lr
+    if config.lr_schedule == "cosine":
+        return config.lr * (1 + math.cos(math.pi * epoch / config.epochs)) / 2
     stage, end = 0, 1
     while epoch >= end:
         stage += 1
