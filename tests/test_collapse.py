@@ -88,7 +88,7 @@ def test_rerunning_rescores_without_retraining(study, strokes):
 
 
 def test_each_row_shares_the_model_and_differs_in_training_only():
-    config = CollapseConfig(**SMALL)
+    config = CollapseConfig(**SMALL, lr=5e-3, lr_schedule="cosine")
     plain = train_config(config, "plain")
     assert train_config(config, "free-bits").free_bits == 0.25
     assert train_config(config, "savae").epochs == 1 and plain.epochs == 2
@@ -96,6 +96,7 @@ def test_each_row_shares_the_model_and_differs_in_training_only():
     for name in REMEDIES:
         other = train_config(config, name)
         assert (other.decoder, other.made_hidden, other.latent_dim) == ("made", (16,), 2)
+        assert (other.lr, other.lr_schedule) == (5e-3, "cosine")
 
 
 @pytest.mark.parametrize(
@@ -106,6 +107,8 @@ def test_each_row_shares_the_model_and_differs_in_training_only():
         ({"remedies": (), "vqvae": False}, "nothing to run"),
         ({"iwae_k": 0}, "iwae_k"),
         ({"test_points": -1}, "test_points"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"lr": 0.0}, "lr"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(change, message, tmp_path):

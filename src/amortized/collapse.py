@@ -99,6 +99,7 @@ def train_config(config: CollapseConfig, remedy: str) -> TrainConfig:
         decoder=config.decoder, made_hidden=config.made_hidden,
         pixelcnn_channels=config.pixelcnn_channels, pixelcnn_layers=config.pixelcnn_layers,
         pixelcnn_kernel=config.pixelcnn_kernel, epochs=epochs, patience=epochs,
+        lr=config.lr, lr_schedule=config.lr_schedule,
         valid_samples=1, seed=config.seed, device=config.device, progress=config.progress,
         **REMEDIES[remedy],
     )  # fmt: skip
