@@ -236,7 +236,9 @@ def _report(config: CollapseConfig, name: str, results: dict) -> str:
         "",
         f"{data['train']} training images, {config.epochs} epochs"
         + (f" (SA-VAE {config.savae_epochs})" if "savae" in rows else "")
-        + f", batch {shared.batch_size}, Adam {shared.lr:g}; "
+        + f", batch {shared.batch_size}, Adam {shared.lr:g}"
+        + ("" if shared.lr_schedule == "constant" else f" ({shared.lr_schedule} schedule)")
+        + "; "
         f"{data['test']} random test images. "
         f"NLL: IWAE-{config.iwae_k} from the encoder's q (VAEs) or the VQ-VAE's bound. KL, "
         "active units (Var_x E_q[z_u] > 0.01) and I(x; z): the encoder's q on the same "

@@ -229,9 +229,9 @@ class CollapseConfig:
     savae_epochs: int = field(
         default=10, metadata=_help("epochs of SA-VAE (a step costs about 15 plain steps)")
     )
-    lr: float = field(default=1e-3, metadata=_help("Adam learning rate of every VAE"))
+    lr: float = field(default=1e-2, metadata=_help("Adam learning rate of every VAE"))
     lr_schedule: str = field(
-        default="constant", metadata=_help("constant, burda or cosine (see amortized train)")
+        default="cosine", metadata=_help("constant, burda or cosine (see amortized train)")
     )
     train_points: int = field(default=0, metadata=_help("training subset (0: all)"))
     valid_points: int = field(default=1000, metadata=_help("validation subset (0: all)"))
