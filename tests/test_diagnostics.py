@@ -74,6 +74,18 @@ def test_mutual_information_is_zero_for_a_constant_encoder_and_log_n_for_disjoin
     assert mutual_information(family, apart) == pytest.approx(math.log(50), abs=1e-4)
 
 
+def test_mutual_information_stays_exact_when_the_scales_are_tiny():
+    # A collapsing encoder can shrink its scales to ~1e-18 around nearly equal means,
+    # where expanded quadratic forms cancel: the estimate must stay 0 and log n there.
+    family = DiagonalGaussian(3)
+    tiny = torch.full((40, 3), -40.0)
+    same = torch.cat([torch.tensor([[0.7, -1.3, 2.1]]).expand(40, 3), tiny], 1)
+    assert mutual_information(family, same, samples=2) == pytest.approx(0.0, abs=1e-6)
+    close = torch.cat([0.001 * torch.arange(40.0).unsqueeze(1).expand(40, 3) + 0.7, tiny], 1)
+    assert active_units(close[:, :3])[0] == 0  # means too close to count as active
+    assert mutual_information(family, close, samples=2) == pytest.approx(math.log(40), abs=1e-6)
+
+
 def test_mutual_information_of_a_gaussian_channel():
     # x ~ N(0, 1), q(z | x) = N(x, 1): I(x; z) = 0.5 log 2 = 0.3466 nats.
     torch.manual_seed(0)

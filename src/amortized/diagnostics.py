@@ -89,7 +89,7 @@ def _cross_log_prob(family: VariationalFamily, lam: Tensor, z: Tensor, budget: i
             zd.square() @ precision.T
             - 2 * zd @ (loc * precision).T
             + (loc.square() * precision).sum(-1)
-        )  # (c, n): sum_d (z_d - loc_d)^2 / scale_d^2
+        ).clamp_min(0)  # (c, n): sum_d (z_d - loc_d)^2 / scale_d^2, rounding kept >= 0
         const = log_scale.sum(-1) + 0.5 * family.latent_dim * math.log(2 * math.pi)
         return (-0.5 * quad - const).to(z.dtype)
     rows = max(1, budget // (n * lam.shape[1]))
@@ -116,16 +116,37 @@ def mutual_information(
     if n < 2:
         raise ValueError(f"mutual information needs at least 2 datapoints, got {n}")
     with torch.no_grad():
-        z = family.distribution(lam).sample((samples,)).transpose(0, 1)  # (n, S, D)
+        if isinstance(family, DiagonalGaussian):
+            # Tiny scales make the quadratic forms of _cross_log_prob cancel badly (a
+            # collapsing encoder can shrink them to 1e-18). So: the draws are made in
+            # float64 around means centred on their median (a shift of z leaves I(x; z)
+            # as it is, and equal means then stay exactly equal), and each draw's own
+            # log-density comes exactly from its standard normal noise.
+            eps = torch.randn((samples, n, family.latent_dim), dtype=lam.dtype, device=lam.device)
+            eps = eps.double()
+            loc, log_scale = (t.double() for t in lam.split(family.latent_dim, dim=-1))
+            loc = loc - loc.median(0).values
+            lam = torch.cat([loc, log_scale], -1)
+            z = (loc + log_scale.exp() * eps).transpose(0, 1)  # (n, S, D)
+            exact = -0.5 * eps.square() - log_scale - 0.5 * math.log(2 * math.pi)
+            own_all = exact.sum(-1).transpose(0, 1).reshape(-1)  # (n S,)
+        else:
+            z = family.distribution(lam).sample((samples,)).transpose(0, 1)  # (n, S, D)
+            own_all = None
         z = z.reshape(n * samples, -1)
         owner = torch.arange(z.shape[0], device=z.device) // samples
-        mi = lam.new_zeros(())
+        mi = 0.0
         for chunk in torch.arange(z.shape[0], device=z.device).split(max(1, budget // n)):
             log_q = _cross_log_prob(family, lam, z[chunk], budget)  # (c, n)
-            own = log_q.gather(1, owner[chunk].unsqueeze(1)).squeeze(1)
+            slot = owner[chunk].unsqueeze(1)
+            if own_all is None:
+                own = log_q.gather(1, slot).squeeze(1)
+            else:
+                own = own_all[chunk]
+                log_q.scatter_(1, slot, own.unsqueeze(1))
             aggregate = torch.logsumexp(log_q, dim=1) - math.log(n)
-            mi = mi + (own - aggregate).sum()
-        return float(mi / z.shape[0])
+            mi += float((own - aggregate).sum())
+        return mi / z.shape[0]
 
 
 @dataclass
