@@ -229,7 +229,7 @@ class CollapseConfig:
     savae_epochs: int = field(
         default=10, metadata=_help("epochs of SA-VAE (a step costs about 15 plain steps)")
     )
-    lr: float = field(default=1e-2, metadata=_help("Adam learning rate of every VAE"))
+    lr: float = field(default=7e-3, metadata=_help("Adam learning rate of every VAE"))
     lr_schedule: str = field(
         default="cosine", metadata=_help("constant, burda or cosine (see amortized train)")
     )
