@@ -65,14 +65,23 @@ def bad_option(draw):
         return name, draw(bad_int(INTS[name]))
     if kind == "float":
         name = draw(st.sampled_from(sorted(FLOATS)))
-        negative = st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False).map(repr)
-        not_number = texts.filter(lambda s: not _is_number(s))
-        bad = [st.sampled_from(["nan", "inf", "-inf"]), not_number, negative]
-        if not FLOATS[name]:
-            bad.append(st.just("0"))
-        return name, draw(st.one_of(*bad))
+        return name, draw(bad_float(zero_ok=FLOATS[name]))
     name = draw(st.sampled_from(sorted(CHOICES)))
-    return name, draw(texts.filter(lambda s, ok=CHOICES[name]: s.lower() not in ok))
+    return name, draw(bad_choice(CHOICES[name]))
+
+
+def bad_float(zero_ok: bool):
+    """Values a positive (or, with ``zero_ok``, non-negative) float setting must refuse."""
+    negative = st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False).map(repr)
+    not_number = texts.filter(lambda s: not _is_number(s))
+    bad = [st.sampled_from(["nan", "inf", "-inf"]), not_number, negative]
+    if not zero_ok:
+        bad.append(st.just("0"))
+    return st.one_of(*bad)
+
+
+def bad_choice(ok):
+    return texts.filter(lambda s: s.lower() not in ok)
 
 
 def _one_line_error(argv, capsys) -> str:
@@ -149,8 +158,13 @@ COLLAPSE_INTS = {"epochs": 1, "savae_epochs": 1, "prior_epochs": 1, "iwae_k": 1,
 
 @st.composite
 def bad_collapse_option(draw):
-    if draw(st.booleans()):
-        return "decoder", draw(texts.filter(lambda s: s.lower() not in ("made", "pixelcnn")))
+    kind = draw(st.sampled_from(["decoder", "lr_schedule", "lr", "int"]))
+    if kind == "decoder":
+        return kind, draw(bad_choice(("made", "pixelcnn")))
+    if kind == "lr_schedule":
+        return kind, draw(bad_choice(CHOICES["lr_schedule"]))
+    if kind == "lr":
+        return kind, draw(bad_float(zero_ok=False))
     name = draw(st.sampled_from(sorted(COLLAPSE_INTS)))
     return name, draw(bad_int(COLLAPSE_INTS[name]))
 
