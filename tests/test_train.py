@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,16 @@ def test_iaf_family_trains_its_shared_weights_and_burda_schedule_sets_the_rate(t
     x = tiny_data.test[:4].bernoulli(generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encoder(x), trained.encoder(x))
+
+
+def test_a_decoder_cut_off_from_z_logs_its_collapse_without_warning(tiny_data, tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 1, "diagnostics_points": 30}, decoder="made",
+                         made_hidden=(16,), decoder_uses_z=False)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, tmp_path, dataset=tiny_data)
+    assert not any("collapsing" in str(w.message) for w in caught)
+    assert _metrics(tmp_path)[-1]["collapsing"]  # logged all the same
 
 
 def test_cosine_schedule_sets_each_epochs_rate(tiny_data, tmp_path):

@@ -493,13 +493,13 @@ def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, wor
     return distributed.all_sum(local * share.shape[0], world) / x.shape[0]
 
 
-def _latent_record(model, encoder, family, x: Tensor, epoch: int) -> dict:
+def _latent_record(model, encoder, family, x: Tensor, epoch: int, warn: bool = True) -> dict:
     """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
-    collapse (:func:`amortized.diagnostics.collapse_warning`)."""
+    collapse (:func:`amortized.diagnostics.collapse_warning`) when ``warn``."""
     with torch.no_grad():
         diag = latent_diagnostics(family, encoder(x), model.prior)
     message = collapse_warning(diag)
-    if message is not None:
+    if message is not None and warn:
         warnings.warn(f"epoch {epoch}: {message}", stacklevel=2)
     return {
         "kl": diag.kl,
@@ -731,7 +731,9 @@ def train(
             "seconds": time.perf_counter() - start,
         }
         if diagnostics_x is not None and world.main:
-            record.update(_latent_record(model, encoder, family, diagnostics_x, epoch))
+            # a decoder cut off from z collapses the code by design: logged, not warned of
+            record.update(_latent_record(model, encoder, family, diagnostics_x, epoch,
+                                         warn=config.decoder_uses_z))  # fmt: skip
         if config.aggressive:
             record.update(aggressive=aggressive, encoder_steps=encoder_steps)
             if aggressive and record["mutual_information"] <= last_mi:
