@@ -597,8 +597,8 @@ def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
     mi = iter([1.0, 0.5, 2.0, 3.0])  # falls at epoch 2: plain VAE from epoch 3 on
     real = train_module._latent_record
 
-    def record(*args):
-        return {**real(*args), "mutual_information": next(mi)}
+    def record(*args, **kwargs):
+        return {**real(*args, **kwargs), "mutual_information": next(mi)}
 
     monkeypatch.setattr(train_module, "_latent_record", record)
     config = TrainConfig(**{**TINY, "aggressive": True, "diagnostics_points": 50})
