@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         "annealing, free bits, aggressive encoder training, SA-VAE), the decoder alone and a "
         "VQ-VAE on the same data; write report.md (NLL, KL, active units, I(x; z), codebook "
         "perplexity; KL per dimension over training), results.json and PNGs. Rerun to "
-        "resume. With no options: all of binarized MNIST, about 2 h on one CPU core.",
+        "resume. With no options: all of binarized MNIST, about 1 h on one CPU core.",
     )
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/collapse)")
     p.add_argument("--config", default=None, help="CollapseConfig TOML file")
