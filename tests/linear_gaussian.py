@@ -26,10 +26,24 @@ class LinearGaussianDecoder(nn.Module):
 
 
 class LinearGaussian:
-    def __init__(self, data_dim=6, latent_dim=3, scale=0.7, seed=0, dtype=torch.float64):
+    def __init__(
+        self, data_dim=6, latent_dim=3, scale=0.7, seed=0, dtype=torch.float64, weight_scale=0.8
+    ):
         g = torch.Generator().manual_seed(seed)
-        self.W = torch.randn(data_dim, latent_dim, generator=g, dtype=dtype) * 0.8
+        self.W = torch.randn(data_dim, latent_dim, generator=g, dtype=dtype) * weight_scale
         self.b = torch.randn(data_dim, generator=g, dtype=dtype) * 0.3
+        self._build(scale)
+
+    @classmethod
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor, scale: float):
+        """The model with W ``(data_dim, latent_dim)``, b and noise scale s given."""
+        self = cls.__new__(cls)
+        self.W, self.b = weight.clone(), bias.clone()
+        self._build(scale)
+        return self
+
+    def _build(self, scale):
+        dtype, latent_dim = self.W.dtype, self.W.shape[1]
         self.s = scale
         self.latent_dim = latent_dim
         self.model = LatentVariableModel(

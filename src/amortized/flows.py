@@ -18,7 +18,7 @@ import zuko
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal, Transform, TransformedDistribution, constraints
 
-from .families import VariationalFamily
+from .families import VariationalFamily, gaussian_step_scale
 
 __all__ = ["PlanarTransform", "PlanarFlow", "InverseAutoregressiveFlow", "IAFHead", "made_masks"]
 
@@ -140,6 +140,11 @@ class PlanarFlow(VariationalFamily):
     def mean(self, lam: Tensor) -> Tensor:
         """E_q[z] has no closed form; the flow applied to the base mean is returned."""
         return _flow_of_base_mean(self, lam)
+
+    def step_scale(self, lam: Tensor) -> Tensor:
+        """The base Gaussian's entries as in :class:`DiagonalGaussian`, the maps' 1."""
+        base = gaussian_step_scale(lam, self.latent_dim)
+        return torch.cat([base, torch.ones_like(lam[..., base.shape[-1] :])], dim=-1)
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         flows = self.prior_init(1, loc.device, loc.dtype)[0, 2 * self.latent_dim :]
@@ -313,6 +318,13 @@ class InverseAutoregressiveFlow(VariationalFamily):
         scale = torch.full((self.num_params,), self.weight_lr_scale, device=device, dtype=dtype)
         scale[: 2 * self.latent_dim] = 1.0  # the base Gaussian's mu and log sigma
         return scale
+
+    def step_scale(self, lam: Tensor) -> Tensor:
+        """The base Gaussian's entries as in :class:`DiagonalGaussian`, the weights'
+        ``weight_lr_scale``."""
+        base = gaussian_step_scale(lam, self.latent_dim)
+        weights = torch.full_like(lam[..., base.shape[-1] :], self.weight_lr_scale)
+        return torch.cat([base, weights], dim=-1)
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         steps = self._identity_steps(loc.device, loc.dtype)
