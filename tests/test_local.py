@@ -8,7 +8,7 @@ from linear_gaussian import LinearGaussian
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from amortized import DiagonalGaussian, FullCovarianceGaussian, elbo, fit_local
-from amortized.local import AdamState, _paired_gain, adam_step
+from amortized.optimiser import AdamState, adam_step, adam_step_, common_draws_elbo
 
 DTYPE = torch.float64
 
@@ -131,7 +131,8 @@ def test_fit_starts_from_init(lg, x, best_diagonal_lam):
     torch.manual_seed(9)
     fit = fit_local(lg.model, family, x, init, steps=10, lr=0.01)
     # an Adam step moves each coordinate by at most lr (1 - b1) / sqrt(1 - b2) ~ 3.2 lr
-    assert float((fit.lam - init).abs().max()) < 10 * 3.2 * 0.01
+    # times its step scale: MEAN_STEP sigma (sigma < 1 here) for a mean, 1 for log sigma
+    assert float((fit.lam - init).abs().max()) < 10 * 3.2 * 0.01 * 5
     assert not torch.equal(fit.lam, init)
 
 
@@ -161,12 +162,12 @@ def test_step_budget_caps_every_row(lg, x):
 
 
 def test_without_a_tolerance_every_row_takes_every_step_and_nothing_is_checked(lg, x, monkeypatch):
-    import amortized.local as local
+    import amortized.optimiser as optimiser
 
     def no_check(*args, **kwargs):
         raise AssertionError("the plateau check ran although no row can plateau")
 
-    monkeypatch.setattr(local, "_paired_gain", no_check)
+    monkeypatch.setattr(optimiser, "common_draws_elbo", no_check)
     fit = fit_local(lg.model, DiagonalGaussian(3), x, steps=60, check_every=25, tol=-float("inf"))
     assert bool((fit.steps == 60).all()) and not bool(fit.converged.any())
     assert fit.trace["step"] == [25, 50, 60]
@@ -226,12 +227,34 @@ def test_adam_step_matches_torch_adam_per_row():
         torch.testing.assert_close(lam[row], p.detach())
 
 
-def test_paired_gain_shares_draws_and_estimates_the_exact_difference(lg, x):
+def test_in_place_adam_step_is_the_pure_step_with_step_scales():
+    g = torch.Generator().manual_seed(9)
+    lam0 = torch.randn(3, 4, generator=g, dtype=DTYPE)
+    scale = torch.rand(3, 4, generator=g, dtype=DTYPE) + 0.1
+    lr = torch.tensor([0.1, 0.02, 0.5], dtype=DTYPE)
+    pure, pure_state = lam0.clone(), AdamState.zeros_like(lam0)
+    inplace, state = lam0.clone(), AdamState.zeros_like(lam0)
+    for _ in range(4):
+        grad = torch.randn(3, 4, generator=g, dtype=DTYPE)
+        pure, pure_state = adam_step(pure, grad, pure_state, lr, scale)
+        adam_step_(inplace, grad.clone(), state, lr, scale)
+    torch.testing.assert_close(inplace, pure, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(state.v, pure_state.v, rtol=1e-12, atol=1e-14)
+    # whitened coordinates: the same problem in units c times larger (lam * c, its
+    # gradient / c, its step scale * c) takes the same steps, c times larger
+    c = 10.0
+    grad = torch.randn(3, 4, generator=g, dtype=DTYPE)
+    ref, _ = adam_step(lam0, grad, AdamState.zeros_like(lam0), lr, scale)
+    moved, _ = adam_step(lam0 * c, grad / c, AdamState.zeros_like(lam0), lr, scale * c)
+    torch.testing.assert_close(moved, ref * c, rtol=1e-12, atol=1e-12)
+
+
+def test_common_draws_repeat_their_noise_and_leave_the_random_state(lg, x):
     family = DiagonalGaussian(3)
     mean, cov = lg.posterior(x)
     posterior = MultivariateNormal(mean, cov)
     before = torch.cat([0.5 * mean, torch.zeros_like(mean)], dim=-1)
-    after = family.from_gaussian(mean, -0.5 * torch.diagonal(lg.precision).log().expand_as(mean))
+    near = before + 0.05 * (family.from_gaussian(mean, torch.zeros_like(mean)) - before)
 
     def kl(lam):  # log p(x) - L[q], exactly
         loc, log_scale = lam.split(3, dim=-1)
@@ -239,21 +262,17 @@ def test_paired_gain_shares_draws_and_estimates_the_exact_difference(lg, x):
         return kl_divergence(q, posterior)
 
     torch.manual_seed(0)
-    same = _paired_gain(lg.model, family, x, before, before, 32, analytic_kl=True)
-    assert torch.equal(same, torch.zeros_like(same))  # common draws: no noise at all
+    state = torch.get_rng_state()
+    a = common_draws_elbo(lg.model, family, before, x, 32, seed=5, analytic_kl=True)
+    b = common_draws_elbo(lg.model, family, before, x, 32, seed=5, analytic_kl=True)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
     paired = torch.stack([
-        _paired_gain(lg.model, family, x, before, after, 32, analytic_kl=True)
-        for _ in range(30)
+        common_draws_elbo(lg.model, family, near, x, 32, seed, True)
+        - common_draws_elbo(lg.model, family, before, x, 32, seed, True)
+        for seed in range(30)
     ])  # fmt: skip
-    error = paired.mean(0) - (kl(before) - kl(after))  # (n,), unbiased
-    assert (error.abs() < 4.5 * paired.std(0) / 30**0.5).all()
-    # between nearby parameters (a window near convergence) the shared draws make the
-    # estimate far less noisy than the difference of two independent ones
-    near = before + 0.05 * (after - before)
-    paired = torch.stack([
-        _paired_gain(lg.model, family, x, before, near, 32, analytic_kl=True)
-        for _ in range(30)
-    ])  # fmt: skip
+    error = paired.mean(0) - (kl(before) - kl(near))  # (n,), unbiased
+    assert (error.abs() < 4.5 * paired.std(0) / 30**0.5 + 1e-12).all()
     with torch.no_grad():
         separate = torch.stack([
             elbo(lg.model, family, near, x, 32) - elbo(lg.model, family, before, x, 32)
@@ -263,16 +282,20 @@ def test_paired_gain_shares_draws_and_estimates_the_exact_difference(lg, x):
 
 
 class SlowScaleDiagonal(DiagonalGaussian):
-    def lr_scale(self, device=None, dtype=None):
-        return torch.tensor([1.0, 1.0, 1.0, 0.25, 0.25, 0.25], device=device, dtype=dtype)
+    def step_scale(self, lam):
+        return torch.tensor([1.0, 1.0, 1.0, 0.25, 0.25, 0.25], dtype=lam.dtype).expand_as(lam)
 
 
-def test_learning_rate_is_scaled_entry_by_entry_by_the_family(lg, x):
-    """Adam's first step moves every entry by its learning rate (m / sqrt(v) = sign g)."""
+def test_steps_follow_the_family_step_scale_entry_by_entry(lg, x):
+    """Adam's first step moves every entry by lr times its step scale (m / sqrt(v) = sign g):
+    a diagonal Gaussian's mean by MEAN_STEP * sigma, its log sigma by 1."""
+    from amortized.families import MEAN_STEP
+
     moves = {}
     for family in (DiagonalGaussian(3), SlowScaleDiagonal(3)):
-        fit = fit_local(lg.model, family, x, steps=1, check_every=1, lr=0.1)
+        fit = fit_local(lg.model, family, x, steps=1, check_every=1, lr=0.1, tol=-float("inf"))
         moves[type(family)] = (fit.lam - family.prior_init(20, dtype=DTYPE)).abs()
-    torch.testing.assert_close(moves[DiagonalGaussian].amax(0), torch.full((6,), 0.1, dtype=DTYPE))
+    expected = torch.tensor([0.1 * MEAN_STEP] * 3 + [0.1] * 3, dtype=DTYPE)
+    torch.testing.assert_close(moves[DiagonalGaussian].amax(0), expected)
     expected = torch.tensor([0.1] * 3 + [0.025] * 3, dtype=DTYPE)
     torch.testing.assert_close(moves[SlowScaleDiagonal].amax(0), expected)

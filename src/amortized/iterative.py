@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from .encoders import MLPEncoder, flat_data
-from .estimators import elbo
 from .families import VariationalFamily
 from .model import LatentVariableModel
 from .nn import mlp
+from .optimiser import elbo_and_grad
 
 __all__ = ["IterativeEncoder"]
 
@@ -93,10 +93,7 @@ class IterativeEncoder(nn.Module):
 
     def step(self, lam: Tensor, x: Tensor) -> Tensor:
         """One gated update of lambda ``(batch, P)`` for flat data x ``(batch, data_dim)``."""
-        with torch.enable_grad():
-            probe = lam.detach().requires_grad_(True)
-            value = elbo(self.model, self.family, probe, x, self.samples)
-            (grad,) = torch.autograd.grad(value.sum(), probe)
+        _, grad = elbo_and_grad(self.model, self.family, lam, x, self.samples)  # detached
         inputs = [lam, self.gradient_norm(grad)]  # the gradient enters as data
         if self.use_x:
             inputs.append(x)
