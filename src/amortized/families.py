@@ -37,7 +37,7 @@ MEAN_STEP = 5.0
 
 def gaussian_step_scale(lam: Tensor, latent_dim: int) -> Tensor:
     """Step lengths of ``[mu, log sigma]``: ``MEAN_STEP * sigma`` and 1, ``(batch, 2D)``."""
-    sigma = lam[..., latent_dim : 2 * latent_dim].detach().exp()
+    sigma = lam[..., latent_dim : 2 * latent_dim].exp()
     return torch.cat([MEAN_STEP * sigma, torch.ones_like(sigma)], dim=-1)
 
 
@@ -224,7 +224,7 @@ class FullCovarianceGaussian(VariationalFamily):
         """A mean moves in units of ``MEAN_STEP`` x its coordinate's standard deviation
         sd_i, a log diagonal entry of L in nats, and L_ij (row i) in units of sd_i, the
         spread that entry adds to z_i."""
-        sd = self.scale_tril(lam.detach()).square().sum(-1).sqrt()  # (batch, D)
+        sd = self.scale_tril(lam).square().sum(-1).sqrt()  # (batch, D)
         rows = self._rows.to(lam.device)
         return torch.cat([MEAN_STEP * sd, torch.ones_like(sd), sd[..., rows]], dim=-1)
 

@@ -27,10 +27,17 @@ from torch import Tensor
 from .estimators import elbo
 from .families import VariationalFamily
 from .model import LatentVariableModel
+from .optimiser import BETAS, AdamState, adam_step, elbo_and_grad
 
 __all__ = ["refine", "refinement_path", "refinement_curve", "RefinementPoint"]
 
-ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
+BETA2 = BETAS[1]
+#: Adam's step size is lr for the first DECAY_STEPS steps, then falls as 1 / sqrt(k), so
+#: the refinement curve keeps climbing toward L[q*] instead of stalling on the noise floor
+#: of a fixed step; every DECAY_STEPS steps the moments restart where the gradients' scale
+#: has fallen (see amortized.optimiser).
+DECAY_STEPS = 200
+RESTART_RATIO = 0.1
 
 
 def refine(
@@ -43,7 +50,7 @@ def refine(
     method: str = "adam",
     lr: float = 0.02,
     momentum: float | None = None,
-    max_grad_norm: float | None = 5.0,
+    max_grad_norm: float | None = None,
     samples: int = 1,
     beta: float = 1.0,
     analytic_kl: bool = True,
@@ -80,6 +87,7 @@ def refine(
         raise ValueError(f"steps must be >= 0, got {steps}")
     _check(family, x, lam, method)
     momentum = _default_momentum(method, momentum)
+    max_grad_norm = _default_clip(method, max_grad_norm)
     out = lam if create_graph else lam.detach()
     for lam_k in _steps(model, family, x, lam, steps, method, lr, momentum, max_grad_norm,
                         samples, beta, analytic_kl, create_graph):  # fmt: skip
@@ -92,6 +100,15 @@ METHODS = ("adam", "sgd")
 
 def _default_momentum(method: str, momentum: float | None) -> float:
     return momentum if momentum is not None else {"adam": 0.9, "sgd": 0.5}[method]
+
+
+def _default_clip(method: str, max_grad_norm: float | None) -> float | None:
+    """SGD's steps are the gradient's size: clipped to norm 5 per row by default. Adam's are
+    normalised already, and a clipped noisy gradient would bias where it settles (the norm
+    mixes a mean's entries with a log scale's), so it clips nothing unless asked."""
+    if max_grad_norm is not None:
+        return max_grad_norm
+    return 5.0 if method == "sgd" else None
 
 
 def _check(family: VariationalFamily, x: Tensor, lam: Tensor, method: str) -> None:
@@ -110,29 +127,32 @@ def _steps(
     """Yield lambda_1, ..., lambda_steps (see :func:`refine`)."""
     if not create_graph or not lam.requires_grad:
         lam = lam.detach().requires_grad_(create_graph)  # a leaf when nothing came before
-    velocity = torch.zeros_like(lam)  # SGD's velocity, or Adam's first moment
-    second = torch.zeros_like(lam)  # Adam's second moment
+    velocity = torch.zeros_like(lam)  # SGD's velocity
+    adam = AdamState.zeros_like(lam.detach())
+    grad_sq = lam.new_zeros(lam.shape[0]).detach()  # |whitened gradient|^2 since the check
     for k in range(1, steps + 1):
         if not create_graph:
             lam = lam.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = elbo(model, family, lam, x, samples, beta=beta, analytic_kl=analytic_kl)
-            (grad,) = torch.autograd.grad(value.sum(), lam, create_graph=create_graph)
+        _, grad = elbo_and_grad(model, family, lam, x, samples, beta=beta,
+                                analytic_kl=analytic_kl, create_graph=create_graph)  # fmt: skip
         if max_grad_norm is not None:
             norm = grad.norm(dim=-1, keepdim=True)  # (batch, 1)
             grad = grad * (max_grad_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
         if method == "sgd":
             velocity = momentum * velocity + grad
             lam = lam + lr * velocity
-        else:
-            velocity = momentum * velocity + (1 - momentum) * grad
-            second = ADAM_BETA2 * second + (1 - ADAM_BETA2) * grad.square()
-            m_hat = velocity / (1 - momentum**k)
-            v_hat = second / (1 - ADAM_BETA2**k)
-            # sqrt(v + eps^2) rather than sqrt(v): the same step where v >> eps^2, and a
-            # finite derivative where a gradient entry is exactly 0 (sqrt'(0) is infinite,
-            # and inf * 0 would put NaN into everything trained through the steps)
-            lam = lam + lr * m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)
+        else:  # the shared optimiser's step, its size decaying as 1 / sqrt(k / DECAY_STEPS)
+            scale = family.step_scale(lam if create_graph else lam.detach())
+            rate = lam.new_full((lam.shape[0],), lr * min(1.0, (DECAY_STEPS / k) ** 0.5))
+            lam, adam = adam_step(lam, grad, adam, rate.detach(), scale, betas=(momentum, BETA2))
+            whitened = grad.detach() if scale is None else grad.detach() * scale
+            grad_sq = grad_sq + whitened.square().sum(-1)
+            if k % DECAY_STEPS == 0:  # restart moments where the gradient scale fell
+                v_hat = adam.v.detach() / (1 - BETA2 ** adam.t.detach()[:, None])
+                restart = grad_sq / DECAY_STEPS < RESTART_RATIO * v_hat.sum(-1)
+                keep = (~restart).to(lam.dtype)
+                adam = AdamState(adam.m * keep[:, None], adam.v * keep[:, None], adam.t * keep)
+                grad_sq = torch.zeros_like(grad_sq)
         yield lam if create_graph else lam.detach()
 
 
@@ -176,6 +196,7 @@ def refinement_path(
     settings = {**_STEP_DEFAULTS, **refine_kwargs}
     _check(family, x, lam, settings["method"])
     settings["momentum"] = _default_momentum(settings["method"], settings["momentum"])
+    settings["max_grad_norm"] = _default_clip(settings["method"], settings["max_grad_norm"])
     if wanted[0] == 0:
         yield 0, lam.detach(), 0.0
     seconds, start = 0.0, time.perf_counter()
