@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -381,3 +382,32 @@ def test_a_seeded_report_draws_per_block_and_leaves_the_caller_s_random_state(se
         from amortized.distributed import World
 
         gap_report(lg.model, x, encoder, DiagonalGaussian(3), world=World(0, 2))
+
+
+class _PriorEncoder(torch.nn.Module):
+    def __init__(self, family):
+        super().__init__()
+        self.family = family
+
+    def forward(self, x):
+        return self.family.prior_init(x.shape[0], dtype=x.dtype)
+
+
+def test_the_report_certifies_q_star_and_warns_when_more_steps_would_move_a_gap():
+    from battery import battery
+
+    lg, x = battery(10)["peaked"]
+    family = DiagonalGaussian(lg.latent_dim)
+    settings = dict(iwae_k=100, elbo_samples=100, seed=0, local_init="prior")
+    with pytest.warns(UserWarning, match=r"q\* \(diagonal\).*raise local_steps"):
+        short = gap_report(lg.model, x, _PriorEncoder(family), family,
+                           local_kwargs={"steps": 100}, **settings)  # fmt: skip
+    assert short.local_fit["diagonal"]["converged_fraction"] == 0
+    assert short.local_fit["diagonal"]["mean_remaining"] > 1
+    assert short.convergence_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converged q* raises no warning
+        full = gap_report(lg.model, x, _PriorEncoder(family), family, **settings)
+    assert full.local_fit["diagonal"]["converged_fraction"] == 1
+    assert "10 of 10 rows converged" in full.convergence()
+    assert full.local_fit["diagonal"]["mean_remaining"] < full.amortization_gap.stderr

@@ -182,6 +182,7 @@ def _gap(args: argparse.Namespace) -> None:
         output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
         report.to_json(output)
         print(report.table())
+        print(report.convergence())
         print(f"\nwrote {output}")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +111,32 @@ class GapReport:
     @classmethod
     def from_json(cls, path: str | Path) -> GapReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def convergence_warnings(self) -> list[str]:
+        """One line per family whose q* may still move a reported gap by more than its
+        stated error: rows that did not converge, or what more steps would still gain."""
+        out = []
+        for name, stats in self.local_fit.items():
+            remaining = stats.get("mean_remaining", 0.0)
+            error = self.approximation_gap[name].stderr
+            if name == self.encoder_family:
+                error = min(error, self.amortization_gap.stderr)
+            if remaining > error:
+                out.append(
+                    f"q* ({name}): {stats['converged_fraction']:.0%} of rows converged and more "
+                    f"steps would still gain about {remaining:.3f} nats per datapoint, more "
+                    f"than the gaps' stated error {error:.3f}: raise local_steps"
+                )
+        return out
+
+    def convergence(self) -> str:
+        """A line per family: how many rows converged and what more steps would gain."""
+        return "\n".join(
+            f"q* ({name}): {round(stats['converged_fraction'] * self.n)} of {self.n} rows "
+            f"converged in {stats['mean_steps']:.0f} steps on average; more steps would "
+            f"gain about {stats.get('mean_remaining', float('nan')):.4f} nats per datapoint"
+            for name, stats in self.local_fit.items()
+        )
 
     def table(self) -> str:
         """The report as a Markdown table."""
@@ -243,7 +270,7 @@ def gap_report(
     per: dict[int, dict[str, Tensor]] = {b: {} for b in mine}  # block -> key -> values
     lam_star: dict[int, dict[str, Tensor]] = {b: {} for b in mine}
     seconds: dict[str, float] = {}
-    fit_sums = {fam.name: [0.0, 0.0] for fam in all_families}  # steps, converged rows
+    fit_sums = {fam.name: [0.0, 0.0, 0.0] for fam in all_families}  # steps, converged, remaining
 
     def spent(key: str, start: float) -> None:
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
@@ -285,6 +312,7 @@ def gap_report(
                     lam_star[b][fam.name] = fit.lam
                     fit_sums[fam.name][0] += float(fit.steps.float().sum())
                     fit_sums[fam.name][1] += float(fit.converged.float().sum())
+                    fit_sums[fam.name][2] += float(fit.remaining.clamp(max=1e6).sum())
                     with torch.no_grad():
                         out[f"elbo_local/{fam.name}"], out[f"elbo_local/{fam.name}_se"] = elbo(
                             model, fam, fit.lam, xb, elbo_samples, stderr=True
@@ -330,13 +358,14 @@ def gap_report(
     # cost per datapoint: the time all processes spent on a route, over the datapoints
     seconds = {key: distributed.all_sum(seconds.get(key, 0.0), world) / n for key in routes}
     fit_stats = {}
-    for name, (steps, converged) in fit_sums.items():
+    for name, (steps, converged, remaining) in fit_sums.items():
         fit_stats[name] = {
             "mean_steps": distributed.all_sum(steps, world) / n,
             "converged_fraction": distributed.all_sum(converged, world) / n,
+            "mean_remaining": distributed.all_sum(remaining, world) / n,
         }
 
-    return _summarise(
+    report = _summarise(
         everything,
         encoder_family=family.name,
         families=[fam.name for fam in all_families],
@@ -356,6 +385,9 @@ def gap_report(
         },
         local_fit=fit_stats,
     )
+    for message in report.convergence_warnings():
+        warnings.warn(message, stacklevel=2)
+    return report
 
 
 @contextlib.contextmanager

@@ -324,6 +324,11 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         f"log p(x) by {test_r.log_px_method}; every L[.] from {gc.elbo_samples} samples; q* by "
         f"per-datapoint optimisation (Adam, <= {gc.local_steps} steps, init: {gc.local_init}).",
         "",
+        *[f"- {split}: {line}" for split, r in reports.items()
+          for line in r.convergence().splitlines()],  # fmt: skip
+        *[f"- **warning**, {split}: {line}" for split, r in reports.items()
+          for line in r.convergence_warnings()],  # fmt: skip
+        "",
         "| quantity | training subset | test |",
         "|---|---|---|",
         *rows,
