@@ -97,12 +97,18 @@ class AdamState:
     def zeros_like(cls, lam: Tensor) -> AdamState:
         return cls(torch.zeros_like(lam), torch.zeros_like(lam), lam.new_zeros(lam.shape[0]))
 
-    def restart(self, rows: Tensor) -> None:
-        """Forget the moments of the rows where ``rows`` ``(rows,)`` is True."""
-        keep = ~rows
-        self.m.mul_(keep[:, None])
-        self.v.mul_(keep[:, None])
-        self.t.mul_(keep)
+    def scale_fell(self, mean_grad_sq: Tensor, ratio: float) -> Tensor:
+        """Rows whose mean squared (whitened) gradient over the last steps, ``(rows,)``,
+        fell below ``ratio`` times Adam's second-moment estimate: its memory of larger
+        gradients would shrink every later step. ``(rows,)`` bool, never differentiated."""
+        v_hat = self.v.detach() / (1 - BETAS[1] ** self.t.detach()[:, None]).clamp_min(1e-300)
+        return mean_grad_sq.detach() < ratio * v_hat.sum(-1)
+
+    def restarted(self, rows: Tensor) -> AdamState:
+        """The state with the moments of the rows where ``rows`` ``(rows,)`` is True
+        forgotten (a pure step: differentiable through the rows kept)."""
+        keep = (~rows).to(self.m.dtype)
+        return AdamState(self.m * keep[:, None], self.v * keep[:, None], self.t * keep)
 
 
 def adam_step(
@@ -285,9 +291,7 @@ class LambdaOptimiser:
             grad_sq += grad.square().sum(-1)  # whitened by adam_step_
             values += value
             yield idx, lam_a
-        # Adam's second moment has forgotten nothing when the gradients' scale fell
-        v_hat = state.v / (1 - BETAS[1] ** state.t[:, None]).clamp_min(1e-300)
-        restart = grad_sq / steps < self.restart_ratio * v_hat.sum(-1)
+        restart = state.scale_fell(grad_sq / steps, self.restart_ratio)
         if self.checking:
             value = self._check_value(lam_a, idx)
             best = self.best[idx]
@@ -302,7 +306,7 @@ class LambdaOptimiser:
         else:
             plateau = torch.zeros_like(restart)
             self.best[idx] = values / steps  # no check draws: the window's running mean
-        state.restart(restart)
+        state = state.restarted(restart)
         self.decays[idx] += plateau.long()
         self.lr[idx] = torch.where(plateau, lr_a * self.lr_decay, lr_a)
         self.lam[idx] = lam_a

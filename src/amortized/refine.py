@@ -148,10 +148,7 @@ def _steps(
             whitened = grad.detach() if scale is None else grad.detach() * scale
             grad_sq = grad_sq + whitened.square().sum(-1)
             if k % DECAY_STEPS == 0:  # restart moments where the gradient scale fell
-                v_hat = adam.v.detach() / (1 - BETA2 ** adam.t.detach()[:, None])
-                restart = grad_sq / DECAY_STEPS < RESTART_RATIO * v_hat.sum(-1)
-                keep = (~restart).to(lam.dtype)
-                adam = AdamState(adam.m * keep[:, None], adam.v * keep[:, None], adam.t * keep)
+                adam = adam.restarted(adam.scale_fell(grad_sq / DECAY_STEPS, RESTART_RATIO))
                 grad_sq = torch.zeros_like(grad_sq)
         yield lam if create_graph else lam.detach()
 
