@@ -212,6 +212,8 @@ def common_draws_elbo(
 class LambdaOptimiser:
     r"""Rows of lambda moved uphill on their own ELBOs: see the module docstring.
 
+    Every setting is required here; :func:`amortized.fit_local` holds their defaults.
+
     Arguments:
         model, family: p(x, z), held fixed (its parameters get no gradients), and q(z; lam).
         x: data ``(batch, *data_shape)``; lam: the start ``(batch, num_params)`` (not
@@ -234,15 +236,15 @@ class LambdaOptimiser:
         x: Tensor,
         lam: Tensor,
         *,
-        lr: float = 0.02,
-        samples: int = 8,
-        check_every: int = 50,
-        tol: float = 0.01,
-        lr_decay: float = 0.5,
-        max_decays: int = 4,
-        check_samples: int = 256,
-        restart_ratio: float = 0.1,
-        analytic_kl: bool = True,
+        lr: float,
+        samples: int,
+        check_every: int,
+        tol: float,
+        lr_decay: float,
+        max_decays: int,
+        check_samples: int,
+        restart_ratio: float,
+        analytic_kl: bool,
     ):
         n = x.shape[0]
         self.model, self.family, self.x = model, family, x
