@@ -64,7 +64,7 @@ def column(report: GapReport, flow: str) -> dict:
     """One column of the table, each entry (mean, MC standard error)."""
 
     def pair(q):
-        return (q.mean, q.stderr)
+        return (q.mean, q.mc_se)
 
     return {
         "log p(x)": pair(report.log_px),

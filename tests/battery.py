@@ -10,7 +10,6 @@ best diagonal Gaussian) come from :class:`linear_gaussian.LinearGaussian`.
 
 from __future__ import annotations
 
-
 import torch
 from linear_gaussian import LinearGaussian
 
@@ -41,7 +40,9 @@ def battery(n: int = 20) -> dict[str, tuple[LinearGaussian, torch.Tensor]]:
         "peaked": LinearGaussian(data_dim=8, latent_dim=4, scale=0.015, seed=3),
         "very-peaked": LinearGaussian(data_dim=10, latent_dim=2, scale=0.003, seed=4),
         "correlated": _correlated(5),
-        "near-prior": LinearGaussian(data_dim=6, latent_dim=3, scale=1.0, seed=6, weight_scale=0.05),
+        "near-prior": LinearGaussian(
+            data_dim=6, latent_dim=3, scale=1.0, seed=6, weight_scale=0.05
+        ),
         "mixed-scales": _mixed_scales(7),
     }
     return {name: (lg, lg.sample_x(n, seed=11)) for name, lg in models.items()}

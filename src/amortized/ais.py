@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .estimators import log_mean_weight
 from .families import VariationalFamily
 from .model import LatentVariableModel
+from .weights import LogMeanWeight
 
 __all__ = ["AISResult", "ais", "reverse_ais", "bdmc", "schedule"]
 
@@ -40,6 +40,8 @@ class AISResult:
         log_px: the estimate of log p(x), ``(batch,)``: a stochastic lower bound for
             forward AIS, an upper bound for reverse AIS.
         stderr: delta-method standard error of ``log_px`` over chains, ``(batch,)``.
+        khat: Pareto k-hat of the chains' weights, ``(batch,)`` (:mod:`amortized.weights`;
+            NaN for fewer than 25 chains, too few to fit a tail to).
         log_weights: ``(chains, batch)``.
         acceptance: mean HMC acceptance rate per datapoint, ``(batch,)``.
         step_size: the adapted leapfrog step size at the end, ``(batch,)``.
@@ -50,6 +52,7 @@ class AISResult:
     log_weights: Tensor
     acceptance: Tensor
     step_size: Tensor
+    khat: Tensor
 
 
 def schedule(steps: int, kind: str = "sigmoid", delta: float = 4.0) -> Tensor:
@@ -132,10 +135,10 @@ def _anneal(
         accepted = accepted + rate
         # Step sizes chase the target acceptance (as in Wu et al. 2017's evaluation code).
         eps = torch.where(rate > target_accept, eps * adapt, eps / adapt)
-    log_px, stderr = log_mean_weight(
-        torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), chains
-    )
-    return AISResult(log_px, stderr, log_w, accepted / (len(betas) - 1), eps)
+    weights = LogMeanWeight(chains)
+    weights.add(log_w)
+    est = weights.result()
+    return AISResult(est.log_px, est.stderr, log_w, accepted / (len(betas) - 1), eps, est.khat)
 
 
 def _start(model, family, lam, batch):

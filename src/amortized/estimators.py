@@ -22,8 +22,9 @@ from torch.distributions import (
 
 from .families import VariationalFamily
 from .model import LatentVariableModel
+from .weights import ImportanceEstimate, LogMeanWeight, log_mean_weight
 
-__all__ = ["elbo", "iwae_bound", "kl_to_prior", "log_mean_weight"]
+__all__ = ["elbo", "iwae_bound", "iwae_estimate", "kl_to_prior", "log_mean_weight"]
 
 #: Upper bound on the number of floats one chunk of samples may occupy per data tensor:
 #: large on a GPU (fewer launches); on a CPU a chunk whose likelihood terms stay in cache
@@ -130,20 +131,6 @@ def elbo(
     return value, (var / samples).sqrt()
 
 
-def log_mean_weight(lse: Tensor, lse_sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """log mean(w) and its delta-method standard error, from log sum w and log sum w^2.
-
-    The standard error of an importance-sampling estimate of log p(x) from k weights is
-    sqrt((mean(w^2) / mean(w)^2 - 1) / k) to first order (NaN for k = 1, whose spread is
-    unknown). Shared by IWAE and AIS, which differ only in how the weights are made.
-    """
-    value = lse - math.log(k)
-    if k == 1:
-        return value, torch.full_like(value, math.nan)
-    ratio = torch.exp(lse_sq - 2 * lse.detach() + math.log(k))  # mean(w^2) / mean(w)^2
-    return value, ((ratio - 1).clamp_min(0) / k).sqrt()
-
-
 def iwae_bound(
     model: LatentVariableModel,
     family: VariationalFamily,
@@ -172,13 +159,44 @@ def iwae_bound(
     lse = lam.new_full((lam.shape[0],), -math.inf)  # running log sum_i w_i, (batch,)
     lse_sq = lam.new_full((lam.shape[0],), -math.inf)  # running log sum_i w_i^2
     for size in _chunks(k, x, chunk_size):
-        z = q.rsample((size,))  # (size, batch, D)
-        log_w = model.log_likelihood(x, z) + beta * (
-            model.prior.log_prob(z) - q.log_prob(z)
-        )  # (size, batch)
+        log_w = _log_weights(model, q, x, size, beta)  # (size, batch)
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
         if stderr:
             lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w.detach(), dim=0))
     if not stderr:
         return lse - math.log(k)
     return log_mean_weight(lse, lse_sq, k)
+
+
+@torch.no_grad()
+def iwae_estimate(
+    model: LatentVariableModel,
+    family: VariationalFamily,
+    lam: Tensor,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    chunk_size: int | None = None,
+) -> ImportanceEstimate:
+    r"""The IWAE-k estimate of log p(x) with its Monte Carlo error and tail diagnostic.
+
+    The same draws and value as ``iwae_bound(..., stderr=True)`` for the same random
+    state, with the Pareto k-hat of the weights (:mod:`amortized.weights`): where it
+    exceeds ``khat_threshold(k)`` the proposal q misses too much of the posterior's mass
+    for the estimate or its standard error to be trusted.
+    """
+    _check(model, family, lam, x)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = family.distribution(lam)
+    weights = LogMeanWeight(k)
+    for size in _chunks(k, x, chunk_size):
+        weights.add(_log_weights(model, q, x, size))
+    return weights.result()
+
+
+def _log_weights(model, q, x: Tensor, size: int, beta: float = 1.0) -> Tensor:
+    """log p(x, z) - log q(z) for ``size`` draws z ~ q, with log p(z) - log q(z) weighted
+    by ``beta``: ``(size, batch)``."""
+    z = q.rsample((size,))  # (size, batch, D)
+    return model.log_likelihood(x, z) + beta * (model.prior.log_prob(z) - q.log_prob(z))

@@ -7,14 +7,22 @@ For a datapoint x, an encoder's q and the best member q* of its family,
 
 The approximation gap is what the family cannot express; the amortization gap is what
 one shared encoder loses against optimising every datapoint's lambda separately.
-:func:`gap_report` measures all three on the same model and data, with Monte Carlo
-standard errors, and the wall-clock price of each inference route.
+:func:`gap_report` measures all three on the same model and data, and the wall-clock
+price of each inference route.
+
+Every mean carries two errors (:class:`Quantity`): Monte Carlo error, from the random
+draws of the estimates, and sampling error over datapoints, from which n datapoints were
+measured. A difference between two reports (:func:`difference`: model against model on
+the same data, train against test) gets its own: paired where the datapoints are the
+same, unpaired where they are not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,24 +37,41 @@ from torch import Tensor, nn
 from . import distributed
 from .ais import ais
 from .distributed import World
-from .estimators import elbo, iwae_bound
+from .estimators import elbo, iwae_estimate
 from .families import VariationalFamily
 from .local import fit_local
 from .model import LatentVariableModel
 from .refine import refinement_path
+from .weights import khat_threshold
 
-__all__ = ["GapReport", "gap_report", "merge_reports"]
+__all__ = ["GapReport", "Quantity", "difference", "gap_report", "merge_reports"]
 
 
 @dataclass
 class Quantity:
-    """A mean over datapoints with its Monte Carlo standard error."""
+    """A mean over n datapoints, in nats, with its two standard errors.
+
+    ``mc_se`` is the Monte Carlo error: how far the mean would move if every estimate
+    were drawn again on the same datapoints. ``data_se`` is the sampling error over
+    datapoints, the standard deviation of the per-datapoint values over sqrt(n): how far
+    it would move on n other datapoints from the same distribution. Two models or routes
+    measured on the same datapoints differ by their paired difference, whose errors
+    :func:`difference` gives; a mean on one split against a mean on another needs both.
+    Printed as ``mean ± mc_se [± data_se]``.
+    """
 
     mean: float
-    stderr: float
+    mc_se: float
+    data_se: float = math.nan
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} ± {self.stderr:.3f}"
+        return f"{self.mean:.3f} ± {self.mc_se:.3f} [± {self.data_se:.3f}]"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> Quantity:
+        if "stderr" in d:  # reports written before the two errors were told apart
+            return cls(d["mean"], d["stderr"])
+        return cls(**d)
 
 
 @dataclass
@@ -59,6 +84,10 @@ class GapReport:
     encoder's output (:func:`amortized.refine`), whose cost per datapoint is
     ``seconds_per_datapoint["refine/K"]``. ``per_datapoint`` holds the arrays behind
     every mean; ``seconds_per_datapoint`` the wall-clock cost of each inference route.
+    ``log_px_khat`` summarises, per estimate of log p(x), the Pareto k-hat of each row's
+    importance weights (:mod:`amortized.weights`): rows above the threshold have weights
+    too heavy-tailed to trust. ``data_id`` identifies the data (a digest of x), so that
+    :func:`difference` pairs two reports on the same datapoints.
     """
 
     n: int
@@ -75,6 +104,8 @@ class GapReport:
     settings: dict[str, Any]
     local_fit: dict[str, dict[str, float]] = field(default_factory=dict)
     refinement: dict[str, Quantity] = field(default_factory=dict)
+    log_px_khat: dict[str, dict[str, float]] = field(default_factory=dict)
+    data_id: str = ""
     per_datapoint: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self, per_datapoint: bool = True) -> dict[str, Any]:
@@ -99,10 +130,10 @@ class GapReport:
         data["settings"] = {"refine_kwargs": {}, **data["settings"]}
 
         def quantities(d):
-            return {k: Quantity(**v) for k, v in d.items()}
+            return {k: Quantity.from_dict(v) for k, v in d.items()}
 
         for key in ("log_px", "elbo_amortized", "amortization_gap", "inference_gap"):
-            data[key] = Quantity(**data[key])
+            data[key] = Quantity.from_dict(data[key])
         for key in ("log_px_estimates", "elbo_local", "approximation_gap", "refinement"):
             data[key] = quantities(data[key])
         data["per_datapoint"] = {k: np.asarray(v) for k, v in data["per_datapoint"].items()}
@@ -112,15 +143,35 @@ class GapReport:
     def from_json(cls, path: str | Path) -> GapReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def values(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-datapoint values of a reported quantity and their Monte Carlo errors.
+
+        ``quantity`` is ``"log_px"``, ``"log_px/<estimate>"`` (``iwae``, ``ais``),
+        ``"elbo_amortized"``, ``"elbo_local/<family>"``, ``"elbo_refined/<K>"``,
+        ``"approximation_gap/<family>"``, ``"amortization_gap"`` or ``"inference_gap"``.
+        """
+        if not self.per_datapoint:
+            raise ValueError("this report holds no per-datapoint arrays (written without them)")
+        return _values(self.per_datapoint, quantity, self.encoder_family)
+
+    def contrast(self, a: str, b: str) -> Quantity:
+        """Quantity ``a`` minus quantity ``b`` on this report's datapoints (paired): for
+        instance ``contrast("elbo_local/fullcov", "elbo_local/diagonal")``, family against
+        family, or ``contrast("elbo_refined/100", "elbo_amortized")``, route against route.
+        Both must be estimated from draws of their own (not gaps sharing a log p(x))."""
+        (va, sa), (vb, sb) = self.values(a), self.values(b)
+        return _paired(va, sa, vb, sb)
+
     def convergence_warnings(self) -> list[str]:
         """One line per family whose q* may still move a reported gap by more than its
-        stated error: rows that did not converge, or what more steps would still gain."""
+        stated Monte Carlo error: rows that did not converge, or what more steps would
+        still gain."""
         out = []
         for name, stats in self.local_fit.items():
             remaining = stats.get("mean_remaining", 0.0)
-            error = self.approximation_gap[name].stderr
+            error = self.approximation_gap[name].mc_se
             if name == self.encoder_family:
-                error = min(error, self.amortization_gap.stderr)
+                error = min(error, self.amortization_gap.mc_se)
             if remaining > error:
                 out.append(
                     f"q* ({name}): {stats['converged_fraction']:.0%} of rows converged and more "
@@ -129,53 +180,162 @@ class GapReport:
                 )
         return out
 
+    def tail_warnings(self) -> list[str]:
+        """One line per estimate of log p(x) with rows whose importance weights are too
+        heavy-tailed (Pareto k-hat above its threshold) to trust the estimate or its error."""
+        advice = {"iwae": "raise iwae_k or estimate by AIS (ais_steps)",
+                  "ais": "raise ais_steps or ais_chains"}  # fmt: skip
+        return [
+            f"log p(x) by {name}: {stats['above']:.0f} of {self.n} rows have importance "
+            f"weights with Pareto k-hat above {stats['threshold']:.2f} (largest "
+            f"{stats['max']:.2f}), too heavy-tailed for their estimate or its error to be "
+            f"trusted: {advice.get(name, 'draw more samples')}"
+            for name, stats in self.log_px_khat.items()
+            if stats["above"] > 0
+        ]
+
+    def warnings(self) -> list[str]:
+        """Everything that says a reported number may be off by more than its error."""
+        return self.convergence_warnings() + self.tail_warnings()
+
     def convergence(self) -> str:
-        """A line per family: how many rows converged and what more steps would gain."""
-        return "\n".join(
-            f"q* ({name}): {round(stats['converged_fraction'] * self.n)} of {self.n} rows "
-            f"converged in {stats['mean_steps']:.0f} steps on average; more steps would "
-            f"gain about {stats.get('mean_remaining', float('nan')):.4f} nats per datapoint"
-            for name, stats in self.local_fit.items()
-        )
+        """A line per family: how many rows converged and what more steps would gain;
+        a line per estimate of log p(x): how heavy the tails of its weights are."""
+        return "\n".join([
+            *[
+                f"q* ({name}): {round(stats['converged_fraction'] * self.n)} of {self.n} rows "
+                f"converged in {stats['mean_steps']:.0f} steps on average; more steps would "
+                f"gain about {stats.get('mean_remaining', float('nan')):.4f} nats per datapoint"
+                for name, stats in self.local_fit.items()
+            ],
+            *[
+                f"log p(x) by {name}: Pareto k-hat of the weights median {stats['median']:.2f}, "
+                f"largest {stats['max']:.2f}; {stats['above']:.0f} of {self.n} rows above "
+                f"{stats['threshold']:.2f}"
+                for name, stats in self.log_px_khat.items()
+            ],
+        ])  # fmt: skip
 
     def table(self) -> str:
-        """The report as a Markdown table."""
+        """The report as a Markdown table: each mean with its Monte Carlo error and its
+        sampling error over the n datapoints."""
         fam = self.encoder_family
+        others = [name for name in self.elbo_local if name != fam]
+        paired = []  # differences on the same datapoints, with their own errors
+        if self.per_datapoint and {"iwae", "ais"} <= set(self.log_px_estimates):
+            paired.append(("log p(x): AIS - IWAE", self.contrast("log_px/ais", "log_px/iwae"),
+                           "paired; > 0: IWAE is biased low by at least this"))  # fmt: skip
+        if self.per_datapoint:
+            paired += [
+                (f"L[q*] ({name}) - L[q*] ({fam})",
+                 self.contrast(f"elbo_local/{name}", f"elbo_local/{fam}"), "paired")
+                for name in others
+            ]  # fmt: skip
         rows = [
-            ("log p(x)", str(self.log_px), self.log_px_method),
+            ("log p(x)", self.log_px, self.log_px_method),
             *[
-                (f"log p(x) by {name}", str(q), "shown beside the estimate used")
+                (f"log p(x) by {name}", q, "shown beside the estimate used")
                 for name, q in self.log_px_estimates.items()
                 if len(self.log_px_estimates) > 1
             ],
+            *[(f"L[q*] ({name})", q, "per-datapoint optimisation")
+              for name, q in self.elbo_local.items()],  # fmt: skip
+            ("L[q] (encoder)", self.elbo_amortized, f"amortized, {fam}"),
             *[
-                (f"L[q*] ({name})", str(q), "per-datapoint optimisation")
-                for name, q in self.elbo_local.items()
-            ],
-            ("L[q] (encoder)", str(self.elbo_amortized), f"amortized, {fam}"),
-            *[
-                (f"L[q] after {k} refinement steps", str(q), "from the encoder's output")
+                (f"L[q] after {k} refinement steps", q, "from the encoder's output")
                 for k, q in self.refinement.items()
                 if k != "0"
             ],
-            (f"approximation gap ({fam})", str(self.approximation_gap[fam]), "log p(x) - L[q*]"),
-            ("amortization gap", str(self.amortization_gap), "L[q*] - L[q]"),
-            ("inference gap", str(self.inference_gap), "log p(x) - L[q]"),
-            *[
-                (f"approximation gap ({name})", str(q), "log p(x) - L[q*]")
-                for name, q in self.approximation_gap.items()
-                if name != fam
-            ],
+            (f"approximation gap ({fam})", self.approximation_gap[fam], "log p(x) - L[q*]"),
+            ("amortization gap", self.amortization_gap, "L[q*] - L[q]"),
+            ("inference gap", self.inference_gap, "log p(x) - L[q]"),
+            *[(f"approximation gap ({name})", self.approximation_gap[name], "log p(x) - L[q*]")
+              for name in others],  # fmt: skip
+            *paired,
         ]
-        lines = ["| quantity | nats (± MC s.e.) | how |", "|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        lines = [
+            f"| quantity | nats | ± MC s.e. | ± s.e. over the {self.n} datapoints | how |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {a} | {q.mean:.3f} | {q.mc_se:.3f} | {q.data_se:.3f} | {c} |"
+                  for a, q, c in rows]  # fmt: skip
         return "\n".join(lines)
 
 
-def _quantity(values: Tensor, stderrs: Tensor) -> Quantity:
-    """Mean over datapoints; the MC error of independent per-datapoint estimates adds."""
-    n = values.numel()
-    return Quantity(float(values.mean()), float(stderrs.square().sum().sqrt() / n))
+def _quantity(values: Tensor | np.ndarray, mc_se: Tensor | np.ndarray) -> Quantity:
+    """Mean over datapoints; the MC errors of independent per-datapoint estimates add;
+    the sampling error is the values' standard deviation over sqrt(n)."""
+    values = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
+    mc_se = np.asarray(torch.as_tensor(mc_se).detach().cpu(), dtype=np.float64)
+    n = values.size
+    data_se = values.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
+    return Quantity(float(values.mean()), float(np.sqrt(np.square(mc_se).sum()) / n),
+                    float(data_se))  # fmt: skip
+
+
+def _paired(va, sa, vb, sb) -> Quantity:
+    """a - b on the same datapoints, from independent draws: per-datapoint differences."""
+    if np.shape(va) != np.shape(vb):
+        raise ValueError(f"paired quantities need the same datapoints, got {len(va)} and {len(vb)}")
+    return _quantity(np.asarray(va) - np.asarray(vb), np.hypot(sa, sb))
+
+
+def _values(per: dict, quantity: str, encoder_family: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, MC errors) per datapoint of ``quantity`` (see :meth:`GapReport.values`)."""
+    head, _, tail = quantity.partition("/")
+    gaps = {  # gap -> (minuend, subtrahend)
+        "approximation_gap": ("log_px", f"elbo_local/{tail}"),
+        "amortization_gap": (f"elbo_local/{encoder_family}", "elbo_amortized"),
+        "inference_gap": ("log_px", "elbo_amortized"),
+    }
+    if head in gaps:
+        (va, sa), (vb, sb) = (_values(per, key, encoder_family) for key in gaps[head])
+        return np.asarray(va) - np.asarray(vb), np.hypot(sa, sb)
+    key = f"log_px_{tail}" if head == "log_px" and tail else quantity
+    if key not in per:
+        raise ValueError(f"the report has no quantity {quantity!r}")
+    return np.asarray(per[key]), np.asarray(per[f"{key}_se"])
+
+
+def difference(a: GapReport, b: GapReport, quantity: str, *, paired: bool | None = None
+               ) -> Quantity:  # fmt: skip
+    """``quantity`` of report a minus that of report b, with the errors of the difference.
+
+    Paired where the two were measured on the same datapoints (two models, routes or
+    settings on one test set: the mean and errors of the per-datapoint differences);
+    unpaired where not (train against test: errors add in quadrature). ``paired=None``
+    pairs them when their data digests agree. ``quantity`` names as in
+    :meth:`GapReport.values`.
+
+    Example: ``difference(test, train, "amortization_gap")`` is how much larger the
+    amortization gap is on held-out data, with its sampling error over both sets of
+    datapoints.
+    """
+    if paired is None:
+        paired = bool(a.data_id) and a.data_id == b.data_id and a.n == b.n
+    if paired:
+        return _paired(*a.values(quantity), *b.values(quantity))
+    qa, qb = _summary(a, quantity), _summary(b, quantity)
+    return Quantity(qa.mean - qb.mean, math.hypot(qa.mc_se, qb.mc_se),
+                    math.hypot(qa.data_se, qb.data_se))  # fmt: skip
+
+
+def _summary(report: GapReport, quantity: str) -> Quantity:
+    """The reported Quantity named ``quantity``, or one computed from its arrays."""
+    head, _, tail = quantity.partition("/")
+    table = {
+        "log_px": report.log_px_estimates.get(tail) if tail else report.log_px,
+        "elbo_amortized": report.elbo_amortized,
+        "elbo_local": report.elbo_local.get(tail),
+        "elbo_refined": report.refinement.get(tail),
+        "approximation_gap": report.approximation_gap.get(tail),
+        "amortization_gap": report.amortization_gap,
+        "inference_gap": report.inference_gap,
+    }
+    found = table.get(head)
+    if found is None:
+        raise ValueError(f"the report has no quantity {quantity!r}")
+    return found
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
@@ -329,14 +489,15 @@ def gap_report(
             xb, lam, out = x[blocks[b]], lam_star[b][best.name].detach(), per[b]
             with draws(b, 1), torch.no_grad():
                 start = time.perf_counter()
-                out["log_px_iwae"], out["log_px_iwae_se"] = iwae_bound(
-                    model, best, lam, xb, iwae_k, stderr=True
-                )
+                est = iwae_estimate(model, best, lam, xb, iwae_k)
+                out["log_px_iwae"], out["log_px_iwae_se"] = est.log_px, est.stderr
+                out["log_px_iwae_khat"] = est.khat
                 spent("iwae", start)
                 if ais_steps > 0:
                     start = time.perf_counter()
                     result = ais(model, xb, best, lam, steps=ais_steps, chains=ais_chains)
                     out["log_px_ais"], out["log_px_ais_se"] = result.log_px, result.stderr
+                    out["log_px_ais_khat"] = result.khat
                     spent("ais", start)
     finally:
         model.train(was_training[0])
@@ -381,11 +542,14 @@ def gap_report(
             "local_kwargs": local_kwargs,
             "refine_kwargs": refine_kwargs,
             "log_px_methods": estimates,
-            "stderr": "Monte Carlo standard error of the mean over datapoints",
+            "stderr": "mc_se: Monte Carlo standard error of the mean; data_se: its "
+            "sampling error over the datapoints",
+            "samples": {"iwae": iwae_k, "ais": ais_chains},
         },
         local_fit=fit_stats,
+        data_id=data_digest(x),
     )
-    for message in report.convergence_warnings():
+    for message in report.warnings():
         warnings.warn(message, stacklevel=2)
     return report
 
@@ -414,6 +578,33 @@ def _gather_blocks(mine: dict[int, Any], world: World) -> dict[int, Any]:
     return {b: v for part in distributed.all_gather_objects(on_cpu, world) for b, v in part.items()}
 
 
+def data_digest(x: Tensor) -> str:
+    """A short digest of the data's values and shape: equal digests, same datapoints."""
+    digest = hashlib.sha256(str((tuple(x.shape), str(x.dtype))).encode())
+    digest.update(np.ascontiguousarray(x.detach().cpu().numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _tails(per: dict[str, np.ndarray], estimates: dict[str, str], settings: dict[str, Any]
+           ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per estimate of log p(x): the k-hat threshold for its number of weights, how many
+    rows exceed it, and the median and largest k-hat (estimates fitted to too few
+    weights, such as AIS with few chains, have no k-hat and are left out)."""
+    out = {}
+    for name in estimates:
+        khat = np.asarray(per.get(f"log_px_{name}_khat", []), dtype=np.float64)
+        if khat.size == 0 or np.isnan(khat).all():
+            continue
+        threshold = khat_threshold(settings.get("samples", {}).get(name, 0))
+        out[name] = {
+            "threshold": threshold,
+            "above": float((khat > threshold).sum()),
+            "median": float(np.nanmedian(khat)),
+            "max": float(np.nanmax(khat)),
+        }
+    return out
+
+
 def _summarise(
     per: dict[str, Tensor],
     *,
@@ -424,45 +615,35 @@ def _summarise(
     seconds: dict[str, float],
     settings: dict[str, Any],
     local_fit: dict[str, dict[str, float]],
+    data_id: str,
 ) -> GapReport:
     """A report's means and gaps from its per-datapoint arrays."""
-    log_px, log_px_se = per["log_px"], per["log_px_se"]
-    l_q, l_q_se = per["elbo_amortized"], per["elbo_amortized_se"]
-    l_star, l_star_se = per[f"elbo_local/{encoder_family}"], per[f"elbo_local/{encoder_family}_se"]
-    approx = {
-        name: _quantity(
-            log_px - per[f"elbo_local/{name}"],
-            (log_px_se.square() + per[f"elbo_local/{name}_se"].square()).sqrt(),
-        )
-        for name in families
-    }
+    per = {k: torch.as_tensor(v).detach().cpu().numpy() for k, v in per.items()}
+
+    def quantity(name: str) -> Quantity:
+        return _quantity(*_values(per, name, encoder_family))
+
     refined = sorted(
         int(k.split("/")[1]) for k in per if k.startswith("elbo_refined/") and "_se" not in k
     )
     return GapReport(
-        n=log_px.numel(),
+        n=per["log_px"].size,
         encoder_family=encoder_family,
-        log_px=_quantity(log_px, log_px_se),
+        log_px=quantity("log_px"),
         log_px_method=estimates[chosen],
-        log_px_estimates={
-            name: _quantity(per[f"log_px_{name}"], per[f"log_px_{name}_se"]) for name in estimates
-        },
-        elbo_amortized=_quantity(l_q, l_q_se),
-        elbo_local={
-            name: _quantity(per[f"elbo_local/{name}"], per[f"elbo_local/{name}_se"])
-            for name in families
-        },
-        approximation_gap=approx,
-        amortization_gap=_quantity(l_star - l_q, (l_star_se.square() + l_q_se.square()).sqrt()),
-        inference_gap=_quantity(log_px - l_q, (log_px_se.square() + l_q_se.square()).sqrt()),
+        log_px_estimates={name: quantity(f"log_px/{name}") for name in estimates},
+        elbo_amortized=quantity("elbo_amortized"),
+        elbo_local={name: quantity(f"elbo_local/{name}") for name in families},
+        approximation_gap={name: quantity(f"approximation_gap/{name}") for name in families},
+        amortization_gap=quantity("amortization_gap"),
+        inference_gap=quantity("inference_gap"),
         seconds_per_datapoint=seconds,
         settings=settings,
         local_fit=local_fit,
-        refinement={
-            str(k): _quantity(per[f"elbo_refined/{k}"], per[f"elbo_refined/{k}_se"])
-            for k in refined
-        },
-        per_datapoint={k: v.detach().cpu().numpy() for k, v in per.items()},
+        refinement={str(k): quantity(f"elbo_refined/{k}") for k in refined},
+        log_px_khat=_tails(per, estimates, settings),
+        data_id=data_id,
+        per_datapoint=per,
     )
 
 
@@ -494,6 +675,9 @@ def merge_reports(reports: Sequence[GapReport]) -> GapReport:
         for k in first.per_datapoint
     }
     chosen = max(methods, key=lambda m: float(per[f"log_px_{m}"].mean()))
+    data_id = first.data_id  # of one report; of several, a digest of their digests in order
+    if len(reports) > 1:
+        data_id = hashlib.sha256(" ".join(r.data_id for r in reports).encode()).hexdigest()[:16]
     per["log_px"], per["log_px_se"] = per[f"log_px_{chosen}"], per[f"log_px_{chosen}_se"]
     n = sum(r.n for r in reports)
 
@@ -510,4 +694,5 @@ def merge_reports(reports: Sequence[GapReport]) -> GapReport:
         seconds=weighted([r.seconds_per_datapoint for r in reports]),
         settings=first.settings,
         local_fit={f: weighted([r.local_fit[f] for r in reports]) for f in first.local_fit},
+        data_id=data_id,
     )
