@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -51,6 +52,13 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     assert "fullcov" in test["elbo_local"]
     report = (run / "report.md").read_text()
     assert "| amortization gap |" in report and "training subset" in report
+    # both kinds of error, and test minus train with the errors of an unpaired difference
+    gap_test, gap_train = test["amortization_gap"], results["gaps"]["train"]["amortization_gap"]
+    assert gap_test["data_se"] > 0 and gap_test["mc_se"] > 0
+    d = gap_test["mean"] - gap_train["mean"]
+    mc, data = (math.hypot(gap_test[k], gap_train[k]) for k in ("mc_se", "data_se"))
+    assert f"| {d:+.3f} ± {mc:.3f} [± {data:.3f}] |" in report
+    assert "test - train" in report and "s.e. over the datapoints" in report
     # the study's refinement curve, K = 0 being the encoder itself
     assert list(test["refinement"]) == ["0", "1", "2", "5", "10", "20", "50", "100"]
     assert test["refinement"]["0"]["mean"] == pytest.approx(test["elbo_amortized"]["mean"], abs=1.0)

@@ -9,14 +9,15 @@ lambda_i freely (:func:`fit_local`); refinement starts from lambda(x) and takes 
 from .ais import AISResult, ais, bdmc, reverse_ais
 from .decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from .encoders import MLPEncoder
-from .estimators import elbo, iwae_bound, kl_to_prior
+from .estimators import elbo, iwae_bound, iwae_estimate, kl_to_prior
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
 from .flows import InverseAutoregressiveFlow, PlanarFlow
-from .gaps import GapReport, gap_report, merge_reports
+from .gaps import GapReport, Quantity, difference, gap_report, merge_reports
 from .iterative import IterativeEncoder
 from .local import LocalFit, fit_local
 from .model import LatentVariableModel
 from .refine import RefinementPoint, refine, refinement_curve
+from .weights import ImportanceEstimate
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "GaussianMLPDecoder",
     "elbo",
     "iwae_bound",
+    "iwae_estimate",
+    "ImportanceEstimate",
     "kl_to_prior",
     "fit_local",
     "LocalFit",
@@ -42,6 +45,8 @@ __all__ = [
     "gap_report",
     "merge_reports",
     "GapReport",
+    "Quantity",
+    "difference",
     "ais",
     "reverse_ais",
     "bdmc",

@@ -154,6 +154,24 @@ class GapReport:
             raise ValueError("this report holds no per-datapoint arrays (written without them)")
         return _values(self.per_datapoint, quantity, self.encoder_family)
 
+    def quantity(self, name: str) -> Quantity:
+        """The reported mean named as in :meth:`values` (``"amortization_gap"``,
+        ``"elbo_local/fullcov"``, ...), with its two errors."""
+        head, _, tail = name.partition("/")
+        table = {
+            "log_px": self.log_px_estimates.get(tail) if tail else self.log_px,
+            "elbo_amortized": self.elbo_amortized,
+            "elbo_local": self.elbo_local.get(tail),
+            "elbo_refined": self.refinement.get(tail),
+            "approximation_gap": self.approximation_gap.get(tail),
+            "amortization_gap": self.amortization_gap,
+            "inference_gap": self.inference_gap,
+        }
+        found = table.get(head)
+        if found is None:
+            raise ValueError(f"the report has no quantity {name!r}")
+        return found
+
     def contrast(self, a: str, b: str) -> Quantity:
         """Quantity ``a`` minus quantity ``b`` on this report's datapoints (paired): for
         instance ``contrast("elbo_local/fullcov", "elbo_local/diagonal")``, family against
@@ -315,27 +333,9 @@ def difference(a: GapReport, b: GapReport, quantity: str, *, paired: bool | None
         paired = bool(a.data_id) and a.data_id == b.data_id and a.n == b.n
     if paired:
         return _paired(*a.values(quantity), *b.values(quantity))
-    qa, qb = _summary(a, quantity), _summary(b, quantity)
+    qa, qb = a.quantity(quantity), b.quantity(quantity)
     return Quantity(qa.mean - qb.mean, math.hypot(qa.mc_se, qb.mc_se),
                     math.hypot(qa.data_se, qb.data_se))  # fmt: skip
-
-
-def _summary(report: GapReport, quantity: str) -> Quantity:
-    """The reported Quantity named ``quantity``, or one computed from its arrays."""
-    head, _, tail = quantity.partition("/")
-    table = {
-        "log_px": report.log_px_estimates.get(tail) if tail else report.log_px,
-        "elbo_amortized": report.elbo_amortized,
-        "elbo_local": report.elbo_local.get(tail),
-        "elbo_refined": report.refinement.get(tail),
-        "approximation_gap": report.approximation_gap.get(tail),
-        "amortization_gap": report.amortization_gap,
-        "inference_gap": report.inference_gap,
-    }
-    found = table.get(head)
-    if found is None:
-        raise ValueError(f"the report has no quantity {quantity!r}")
-    return found
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:

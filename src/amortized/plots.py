@@ -33,10 +33,14 @@ def _save(fig, path: str | Path, tight: bool = True) -> Path:
     return path
 
 
-def plot_gap_bars(gaps: dict[str, dict[str, tuple[float, float]]], path: str | Path) -> Path:
+def plot_gap_bars(
+    gaps: dict[str, dict[str, tuple[float, ...]]], path: str | Path
+) -> Path:
     """Stacked bars: approximation + amortization = inference gap, one bar per data split.
 
-    ``gaps[split] = {"approximation": (mean, se), "amortization": (mean, se)}``.
+    ``gaps[split] = {"approximation": (mean, mc_se, data_se), "amortization": (...)}``:
+    each segment carries its sampling error over datapoints (black) and its Monte Carlo
+    error (red, beside it), the two kinds told apart (:class:`amortized.gaps.Quantity`).
     """
     splits = list(gaps)
     pos = np.arange(len(splits))
@@ -46,13 +50,20 @@ def plot_gap_bars(gaps: dict[str, dict[str, tuple[float, float]]], path: str | P
     ax.bar(pos, approx, 0.6, label="approximation gap", color="#4c72b0")
     ax.bar(pos, amort, 0.6, bottom=approx, label="amortization gap", color="#dd8452")
     for i, s in enumerate(splits):
-        ax.errorbar(i, approx[i], yerr=gaps[s]["approximation"][1], color="k", capsize=3)
-        ax.errorbar(i, approx[i] + amort[i], yerr=gaps[s]["amortization"][1], color="k", capsize=3)
+        for part, top in (("approximation", approx[i]), ("amortization", approx[i] + amort[i])):
+            _, mc_se, *data_se = gaps[s][part]
+            if data_se:
+                ax.errorbar(i, top, yerr=data_se[0], color="k", capsize=3,
+                            label="± s.e. over datapoints" if i == 0 and part == "amortization"
+                            else None)  # fmt: skip
+            ax.errorbar(i + 0.08, top, yerr=mc_se, color="#c44e52", capsize=2, lw=2,
+                        label="± Monte Carlo s.e." if i == 0 and part == "amortization"
+                        else None)  # fmt: skip
         ax.text(i, approx[i] + amort[i], f"{approx[i] + amort[i]:.2f}", ha="center", va="bottom")
     ax.set_xticks(pos, splits)
     ax.set_ylabel("nats per datapoint")
     ax.set_title("Inference gap = approximation + amortization")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7)
     ax.margins(y=0.15)
     return _save(fig, path)
 

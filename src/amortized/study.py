@@ -21,7 +21,7 @@ import torch
 from . import distributed
 from .config import GapConfig, StudyConfig, to_dict
 from .data import load_dataset
-from .gaps import GapReport, gap_report
+from .gaps import GapReport, difference, gap_report
 from .plots import (
     plot_bound_against_cost,
     plot_gap_bars,
@@ -249,25 +249,53 @@ def _refinement_section(train_r: GapReport, test_r: GapReport, fig, gc: GapConfi
     if not test_r.refinement:
         return []
 
-    def cell(r: GapReport, k: str) -> str:
-        return f"{r.refinement[k]} ({r.seconds_per_datapoint[f'refine/{k}'] * 1e3:.2f} ms)"
-
     fam = test_r.encoder_family
+
+    def cell(r: GapReport, quantity: str, seconds: float | None) -> str:
+        gain = r.contrast(quantity, "elbo_amortized")  # paired: the same datapoints
+        cost = "" if seconds is None else f" ({seconds * 1e3:.2f} ms)"
+        return (f"{r.quantity(quantity).mean:.3f}, {gain.mean:+.3f} ± {gain.mc_se:.3f} "
+                f"[± {gain.data_se:.3f}]{cost}")  # fmt: skip
+
+    def row(k: str) -> str:
+        quantity = f"elbo_refined/{k}"
+        return (f"| {k} | {cell(train_r, quantity, train_r.seconds_per_datapoint[f'refine/{k}'])}"
+                f" | {cell(test_r, quantity, test_r.seconds_per_datapoint[f'refine/{k}'])} |")
+
     return [
         "## Buying the bound back: refinement from the encoder's output",
         "",
         f"L[q] after K {_METHOD_NAMES[gc.refine_method]} steps (lr {gc.refine_lr}) on each "
-        "datapoint's ELBO, starting at the encoder's output; in brackets the refinement's "
-        f"cost per datapoint. L[q*] ({fam}) is where the steps lead.",
+        "datapoint's ELBO, starting at the encoder's output, and its gain over the "
+        "encoder's L[q] on the same datapoints (paired: mean ± Monte Carlo s.e. [± s.e. "
+        "over the datapoints]); in brackets the refinement's cost per datapoint. "
+        f"L[q*] ({fam}) is where the steps lead.",
         "",
         "| K | training subset | test |",
         "|---|---|---|",
-        *[f"| {k} | {cell(train_r, k)} | {cell(test_r, k)} |" for k in test_r.refinement],
-        f"| q* | {train_r.elbo_local[fam]} | {test_r.elbo_local[fam]} |",
+        *[row(k) for k in test_r.refinement],
+        f"| q* | {cell(train_r, f'elbo_local/{fam}', None)} "
+        f"| {cell(test_r, f'elbo_local/{fam}', None)} |",
         "",
         f"![bound against inference cost]({fig['refinement']})",
         "",
     ]
+
+
+def _generalisation_sentence(d) -> str:
+    """What the test-minus-train amortization gap says, with its error over datapoints."""
+    error = math.hypot(d.mc_se, d.data_se)
+    verdict = (
+        "a difference the two samples of datapoints resolve"
+        if abs(d.mean) > 2 * error
+        else "within two standard errors of no difference at all"
+    )
+    return (
+        "The encoder was fitted to the training data; on the test split its amortization gap "
+        f"is {abs(d.mean):.2f} nats {'larger' if d.mean >= 0 else 'smaller'} than on the "
+        f"training subset ({d.mean:+.3f} ± {error:.3f}, Monte Carlo and sampling error "
+        f"together): {verdict}."
+    )
 
 
 def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, GapReport]) -> str:
@@ -275,24 +303,26 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
     train_r, test_r = reports["train"], reports["test"]
     fam = test_r.encoder_family
 
-    def row(label: str, get) -> str:
-        return f"| {label} | {get(train_r)} | {get(test_r)} |"
+    def row(label: str, quantity: str) -> str:
+        d = difference(test_r, train_r, quantity)  # unpaired: different datapoints
+        return (f"| {label} | {train_r.quantity(quantity)} | {test_r.quantity(quantity)} "
+                f"| {d.mean:+.3f} ± {d.mc_se:.3f} [± {d.data_se:.3f}] |")  # fmt: skip
 
     rows = [
-        row("datapoints", lambda r: r.n),
-        row("log p(x)", lambda r: r.log_px),
+        f"| datapoints | {train_r.n} | {test_r.n} | |",
+        row("log p(x)", "log_px"),
         *[
-            row(f"log p(x) by {name}", lambda r, n=name: r.log_px_estimates[n])
+            row(f"log p(x) by {name}", f"log_px/{name}")
             for name in test_r.log_px_estimates
             if len(test_r.log_px_estimates) > 1
         ],
-        *[row(f"L[q*] {name}", lambda r, n=name: r.elbo_local[n]) for name in test_r.elbo_local],
-        row("L[q] encoder", lambda r: r.elbo_amortized),
-        row(f"approximation gap ({fam})", lambda r: r.approximation_gap[fam]),
-        row("amortization gap", lambda r: r.amortization_gap),
-        row("inference gap", lambda r: r.inference_gap),
+        *[row(f"L[q*] {name}", f"elbo_local/{name}") for name in test_r.elbo_local],
+        row("L[q] encoder", "elbo_amortized"),
+        row(f"approximation gap ({fam})", f"approximation_gap/{fam}"),
+        row("amortization gap", "amortization_gap"),
+        row("inference gap", "inference_gap"),
         *[
-            row(f"approximation gap ({name})", lambda r, n=name: r.approximation_gap[n])
+            row(f"approximation gap ({name})", f"approximation_gap/{name}")
             for name in test_r.approximation_gap
             if name != fam
         ],
@@ -303,7 +333,7 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         for route in test_r.seconds_per_datapoint
     ]
     fig = results["figures"]
-    generalisation = test_r.amortization_gap.mean - train_r.amortization_gap.mean
+    generalisation = difference(test_r, train_r, "amortization_gap")
     lines = [
         f"# Amortization study: {results['dataset']['name']}",
         "",
@@ -319,7 +349,13 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         f"Data: {results['dataset']['train']} train / {results['dataset']['valid']} valid / "
         f"{results['dataset']['test']} test, binarization: {results['dataset']['binarization']}.",
         "",
-        "## Inference gaps (nats per datapoint, mean ± Monte Carlo standard error)",
+        "## Inference gaps",
+        "",
+        "Nats per datapoint, as mean ± Monte Carlo s.e. [± s.e. over the datapoints]. The "
+        "first error is the draws' (the same datapoints measured again); the second is the "
+        "datapoints' (another sample of as many from the same split). The last column is "
+        "test minus training subset with the errors of that difference, unpaired: the two "
+        "sets hold different datapoints.",
         "",
         f"log p(x) by {test_r.log_px_method}; every L[.] from {gc.elbo_samples} samples; q* by "
         f"per-datapoint optimisation (Adam, <= {gc.local_steps} steps, init: {gc.local_init}).",
@@ -327,15 +363,13 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         *[f"- {split}: {line}" for split, r in reports.items()
           for line in r.convergence().splitlines()],  # fmt: skip
         *[f"- **warning**, {split}: {line}" for split, r in reports.items()
-          for line in r.convergence_warnings()],  # fmt: skip
+          for line in r.warnings()],  # fmt: skip
         "",
-        "| quantity | training subset | test |",
-        "|---|---|---|",
+        "| quantity | training subset | test | test - train |",
+        "|---|---|---|---|",
         *rows,
         "",
-        f"The encoder was fitted to the training data; on the test split its amortization gap is "
-        f"{generalisation:+.2f} nats {'larger' if generalisation >= 0 else 'smaller'} than on "
-        "the training subset.",
+        _generalisation_sentence(generalisation),
         "",
         f"![gaps]({fig['gaps']})  ![amortization gap per datapoint]({fig['gap_histogram']})",
         "",
