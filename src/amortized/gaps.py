@@ -232,6 +232,12 @@ class GapReport:
                 f"{stats['threshold']:.2f}"
                 for name, stats in self.log_px_khat.items()
             ],
+            *[
+                f"log p(x) by {name}: {self.settings['samples'][name]} weights per row, too "
+                "few to judge their tail (k-hat needs 25); its stated error assumes a light one"
+                for name in self.log_px_estimates
+                if name not in self.log_px_khat and name in self.settings.get("samples", {})
+            ],
         ])  # fmt: skip
 
     def table(self) -> str:
