@@ -125,8 +125,8 @@ def _calibrate(label, make, reps):
             rows["log p(x) by AIS"].append(r.log_px_estimates["ais"])
         rows["approximation gap"].append(r.approximation_gap[r.encoder_family])
         rows["amortization gap"].append(r.amortization_gap)
-        above.append(r.log_px_khat["iwae"]["above"] / r.n)
-        medians.append(r.log_px_khat["iwae"]["median"])
+        above.append(r.log_px_weights["iwae"]["above"] / r.n)
+        medians.append(r.log_px_weights["iwae"]["median"])
     seconds = time.perf_counter() - start
     print(f"# {label}: {reps} reports, {seconds:.0f} s; IWAE weights: median k-hat "
           f"{np.median(medians):.2f}, {np.mean(above):.1%} of rows above the threshold")
@@ -178,7 +178,7 @@ def nonlinear(args) -> None:
         e = r.log_px_estimates
         bounds = [r.elbo_amortized.mean, *(q.mean for q in r.elbo_local.values()),
                   e["iwae"].mean, e["ais"].mean]  # fmt: skip
-        k = r.log_px_khat["iwae"]
+        k = r.log_px_weights["iwae"]
         print(f"| {scale} | {exact:.3f} | {e['iwae'].mean - exact:+.4f} ± {e['iwae'].mc_se:.4f} "
               f"| {e['ais'].mean - exact:+.4f} ± {e['ais'].mc_se:.4f} | "
               f"{r.log_px.mean - exact:+.4f} | {max(bounds) - exact:+.4f} | "

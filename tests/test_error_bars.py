@@ -51,7 +51,7 @@ def test_stated_monte_carlo_errors_match_the_spread_over_repeats():
     lg = heavy_tailed_model()
     x = lg.sample_x(20)
     reports = [_report(lg, x, seed) for seed in range(48)]
-    khat = [r.log_px_khat["iwae"] for r in reports]  # heavy-tailed, yet mostly trustworthy
+    khat = [r.log_px_weights["iwae"] for r in reports]  # heavy-tailed, yet mostly trustworthy
     assert np.median([k["median"] for k in khat]) > 0.4
     assert sum(k["above"] for k in khat) < 0.1 * 20 * len(reports)
     for name, get in {
@@ -127,10 +127,10 @@ def test_reports_written_before_the_two_errors_read_back(two_encoders):
     data = a.to_dict()
     for key in ("log_px", "elbo_amortized", "amortization_gap", "inference_gap"):
         data[key] = {"mean": data[key]["mean"], "stderr": data[key]["mc_se"]}
-    for key in ("log_px_khat", "data_id"):
+    for key in ("log_px_weights", "data_id"):
         del data[key]
     old = GapReport.from_dict(data)
     assert old.amortization_gap.mc_se == a.amortization_gap.mc_se
     assert math.isnan(old.amortization_gap.data_se)
-    assert old.data_id == "" and old.log_px_khat == {}
+    assert old.data_id == "" and old.log_px_weights == {}
     assert str(Quantity(1.0, 0.01, 0.5)) == "1.000 ± 0.010 [± 0.500]"

@@ -151,6 +151,7 @@ def test_per_datapoint_arrays(setup):
         "log_px_iwae",
             "log_px_iwae_se",
             "log_px_iwae_khat",
+            "log_px_iwae_remaining",
     }
     for name, values in report.per_datapoint.items():
         assert isinstance(values, np.ndarray), name
@@ -178,7 +179,7 @@ def test_to_json_round_trips(setup, tmp_path):
         "settings",
         "local_fit",
         "refinement",
-        "log_px_khat",
+        "log_px_weights",
         "data_id",
         "per_datapoint",
     }

@@ -111,3 +111,22 @@ def test_iwae_estimate_is_iwae_bound_with_diagnostics(best_diagonal_lam):
     assert torch.equal(est.stderr, se.detach())
     assert est.khat.shape == (6,) and est.khat.isfinite().all()
     assert est.samples == 500
+
+
+@pytest.mark.parametrize("s2, d, samples", [(2.5, 4, 64), (3.0, 6, 32)])
+def test_what_more_weights_would_gain_matches_the_estimate_s_shortfall(s2, d, samples):
+    """A proposal wider than the target (light tails, finite variance): the estimate's
+    shortfall below log p(x) = 0 shrinks as 1/S, and (L_S - L_{S/4}) / 3 measures it."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(samples, 20000, d, generator=g, dtype=DTYPE) * math.sqrt(s2)
+    log_w = (-0.5 * z.square() * (1 - 1 / s2)).sum(-1) + 0.5 * d * math.log(s2)
+    weights = LogMeanWeight(samples)
+    for chunk in log_w.split(samples // 4 + 3):  # chunks that straddle the first quarter
+        weights.add(chunk)
+    est = weights.result()
+    shortfall, remaining = -float(est.log_px.mean()), float(est.remaining.mean())
+    assert shortfall > 0.01  # a shortfall large enough to measure
+    assert abs(remaining / shortfall - 1) < 0.2
+    few = LogMeanWeight(3)
+    few.add(log_w[:3])
+    assert few.result().remaining.isnan().all()  # no quarter to compare with

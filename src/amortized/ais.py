@@ -42,6 +42,9 @@ class AISResult:
         stderr: delta-method standard error of ``log_px`` over chains, ``(batch,)``.
         khat: Pareto k-hat of the chains' weights, ``(batch,)`` (:mod:`amortized.weights`;
             NaN for fewer than 25 chains, too few to fit a tail to).
+        remaining: what more chains would still add to ``log_px``, ``(batch,)``
+            (:mod:`amortized.weights`): AIS's weights are unbiased for p(x) at any schedule,
+            so a short schedule shows as weights of high variance and a large remainder.
         log_weights: ``(chains, batch)``.
         acceptance: mean HMC acceptance rate per datapoint, ``(batch,)``.
         step_size: the adapted leapfrog step size at the end, ``(batch,)``.
@@ -53,6 +56,7 @@ class AISResult:
     acceptance: Tensor
     step_size: Tensor
     khat: Tensor
+    remaining: Tensor
 
 
 def schedule(steps: int, kind: str = "sigmoid", delta: float = 4.0) -> Tensor:
@@ -138,7 +142,8 @@ def _anneal(
     weights = LogMeanWeight(chains)
     weights.add(log_w)
     est = weights.result()
-    return AISResult(est.log_px, est.stderr, log_w, accepted / (len(betas) - 1), eps, est.khat)
+    return AISResult(est.log_px, est.stderr, log_w, accepted / (len(betas) - 1), eps, est.khat,
+                     est.remaining)  # fmt: skip
 
 
 def _start(model, family, lam, batch):
@@ -222,8 +227,9 @@ def reverse_ais(
         model, x, start, z.detach(), schedule(steps, kind).flip(0).to(z.dtype),
         leapfrog=leapfrog, step_size=step_size, target_accept=target_accept, adapt=adapt,
     )  # fmt: skip
-    # E[exp(log_w)] = 1 / p(x): the estimate of log p(x) is minus the log mean weight.
-    result.log_px = -result.log_px
+    # E[exp(log_w)] = 1 / p(x): the estimate of log p(x) is minus the log mean weight,
+    # and more chains would lower it (tighten the upper bound) by what they would add.
+    result.log_px, result.remaining = -result.log_px, -result.remaining
     return result
 
 

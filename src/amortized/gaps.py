@@ -84,10 +84,11 @@ class GapReport:
     encoder's output (:func:`amortized.refine`), whose cost per datapoint is
     ``seconds_per_datapoint["refine/K"]``. ``per_datapoint`` holds the arrays behind
     every mean; ``seconds_per_datapoint`` the wall-clock cost of each inference route.
-    ``log_px_khat`` summarises, per estimate of log p(x), the Pareto k-hat of each row's
-    importance weights (:mod:`amortized.weights`): rows above the threshold have weights
-    too heavy-tailed to trust. ``data_id`` identifies the data (a digest of x), so that
-    :func:`difference` pairs two reports on the same datapoints.
+    ``log_px_weights`` summarises, per estimate of log p(x), what its importance weights say
+    (:mod:`amortized.weights`): the Pareto k-hat of each row's weights (rows above the
+    threshold are too heavy-tailed to trust) and what more weights would still gain.
+    ``data_id`` identifies the data (a digest of x), so that :func:`difference` pairs two
+    reports on the same datapoints.
     """
 
     n: int
@@ -104,7 +105,7 @@ class GapReport:
     settings: dict[str, Any]
     local_fit: dict[str, dict[str, float]] = field(default_factory=dict)
     refinement: dict[str, Quantity] = field(default_factory=dict)
-    log_px_khat: dict[str, dict[str, float]] = field(default_factory=dict)
+    log_px_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     data_id: str = ""
     per_datapoint: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -199,18 +200,30 @@ class GapReport:
         return out
 
     def tail_warnings(self) -> list[str]:
-        """One line per estimate of log p(x) with rows whose importance weights are too
-        heavy-tailed (Pareto k-hat above its threshold) to trust the estimate or its error."""
-        advice = {"iwae": "raise iwae_k or estimate by AIS (ais_steps)",
-                  "ais": "raise ais_steps or ais_chains"}  # fmt: skip
-        return [
-            f"log p(x) by {name}: {stats['above']:.0f} of {self.n} rows have importance "
-            f"weights with Pareto k-hat above {stats['threshold']:.2f} (largest "
-            f"{stats['max']:.2f}), too heavy-tailed for their estimate or its error to be "
-            f"trusted: {advice.get(name, 'draw more samples')}"
-            for name, stats in self.log_px_khat.items()
-            if stats["above"] > 0
-        ]
+        """One line per estimate of log p(x) that may be off by more than its stated error:
+        rows whose importance weights are too heavy-tailed (Pareto k-hat above its
+        threshold) to trust, or more weights that would still raise it."""
+        more = {"iwae": ("draws", "raise iwae_k or estimate by AIS (ais_steps)"),
+                "ais": ("chains", "raise ais_chains or ais_steps")}  # fmt: skip
+        out = []
+        for name, stats in self.log_px_weights.items():
+            what, advice = more.get(name, ("weights", "draw more"))
+            if stats.get("above", 0) > 0:
+                out.append(
+                    f"log p(x) by {name}: {stats['above']:.0f} of {self.n} rows have importance "
+                    f"weights with Pareto k-hat above {stats['threshold']:.2f} (largest "
+                    f"{stats['max']:.2f}), too heavy-tailed for their estimate or its error to "
+                    f"be trusted: {advice}"
+                )
+            remaining, se = stats.get("remaining", 0.0), stats.get("remaining_se", 0.0)
+            error = self.log_px_estimates[name].mc_se
+            if remaining > max(error, 2 * se):
+                out.append(
+                    f"log p(x) by {name}: more {what} would still raise it by about "
+                    f"{remaining:.3f} ± {se:.3f} nats per datapoint, more than its stated error "
+                    f"{error:.3f}: {advice}"
+                )
+        return out
 
     def warnings(self) -> list[str]:
         """Everything that says a reported number may be off by more than its error."""
@@ -218,27 +231,28 @@ class GapReport:
 
     def convergence(self) -> str:
         """A line per family: how many rows converged and what more steps would gain;
-        a line per estimate of log p(x): how heavy the tails of its weights are."""
-        return "\n".join([
-            *[
-                f"q* ({name}): {round(stats['converged_fraction'] * self.n)} of {self.n} rows "
-                f"converged in {stats['mean_steps']:.0f} steps on average; more steps would "
-                f"gain about {stats.get('mean_remaining', float('nan')):.4f} nats per datapoint"
-                for name, stats in self.local_fit.items()
-            ],
-            *[
-                f"log p(x) by {name}: Pareto k-hat of the weights median {stats['median']:.2f}, "
-                f"largest {stats['max']:.2f}; {stats['above']:.0f} of {self.n} rows above "
-                f"{stats['threshold']:.2f}"
-                for name, stats in self.log_px_khat.items()
-            ],
-            *[
-                f"log p(x) by {name}: {self.settings['samples'][name]} weights per row, too "
-                "few to judge their tail (k-hat needs 25); its stated error assumes a light one"
-                for name in self.log_px_estimates
-                if name not in self.log_px_khat and name in self.settings.get("samples", {})
-            ],
-        ])  # fmt: skip
+        a line per estimate of log p(x): how heavy the tails of its weights are, and what
+        more weights would gain."""
+        lines = [
+            f"q* ({name}): {round(stats['converged_fraction'] * self.n)} of {self.n} rows "
+            f"converged in {stats['mean_steps']:.0f} steps on average; more steps would "
+            f"gain about {stats.get('mean_remaining', float('nan')):.4f} nats per datapoint"
+            for name, stats in self.local_fit.items()
+        ]
+        for name, stats in self.log_px_weights.items():
+            if "median" in stats:
+                tail = (f"Pareto k-hat of the weights median {stats['median']:.2f}, largest "
+                        f"{stats['max']:.2f}, {stats['above']:.0f} of {self.n} rows above "
+                        f"{stats['threshold']:.2f}")  # fmt: skip
+            else:
+                tail = (f"{self.settings['samples'][name]} weights per row, too few to judge "
+                        "their tail (k-hat needs 25); its stated error assumes a light one")
+            gain = ""
+            if "remaining" in stats:
+                gain = (f"; more weights would gain about {stats['remaining']:.4f} ± "
+                        f"{stats['remaining_se']:.4f} nats per datapoint")
+            lines.append(f"log p(x) by {name}: {tail}{gain}")
+        return "\n".join(lines)
 
     def table(self) -> str:
         """The report as a Markdown table: each mean with its Monte Carlo error and its
@@ -497,13 +511,14 @@ def gap_report(
                 start = time.perf_counter()
                 est = iwae_estimate(model, best, lam, xb, iwae_k)
                 out["log_px_iwae"], out["log_px_iwae_se"] = est.log_px, est.stderr
-                out["log_px_iwae_khat"] = est.khat
+                out["log_px_iwae_khat"], out["log_px_iwae_remaining"] = est.khat, est.remaining
                 spent("iwae", start)
                 if ais_steps > 0:
                     start = time.perf_counter()
                     result = ais(model, xb, best, lam, steps=ais_steps, chains=ais_chains)
                     out["log_px_ais"], out["log_px_ais_se"] = result.log_px, result.stderr
                     out["log_px_ais_khat"] = result.khat
+                    out["log_px_ais_remaining"] = result.remaining
                     spent("ais", start)
     finally:
         model.train(was_training[0])
@@ -591,23 +606,26 @@ def data_digest(x: Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _tails(per: dict[str, np.ndarray], estimates: dict[str, str], settings: dict[str, Any]
-           ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Per estimate of log p(x): the k-hat threshold for its number of weights, how many
-    rows exceed it, and the median and largest k-hat (estimates fitted to too few
-    weights, such as AIS with few chains, have no k-hat and are left out)."""
+def _weight_summaries(per: dict[str, np.ndarray], estimates: dict[str, str],
+                      settings: dict[str, Any]) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per estimate of log p(x), what its importance weights say: the k-hat threshold for
+    their number, how many rows exceed it, the median and largest k-hat (left out where
+    too few weights to fit a tail, such as AIS's usual 16 chains), and the mean over rows
+    of what more weights would gain, with its standard error."""
     out = {}
     for name in estimates:
+        stats = {}
         khat = np.asarray(per.get(f"log_px_{name}_khat", []), dtype=np.float64)
-        if khat.size == 0 or np.isnan(khat).all():
-            continue
-        threshold = khat_threshold(settings.get("samples", {}).get(name, 0))
-        out[name] = {
-            "threshold": threshold,
-            "above": float((khat > threshold).sum()),
-            "median": float(np.nanmedian(khat)),
-            "max": float(np.nanmax(khat)),
-        }
+        if khat.size and not np.isnan(khat).all():
+            threshold = khat_threshold(settings.get("samples", {}).get(name, 0))
+            stats.update(threshold=threshold, above=float((khat > threshold).sum()),
+                         median=float(np.nanmedian(khat)), max=float(np.nanmax(khat)))  # fmt: skip
+        gain = np.asarray(per.get(f"log_px_{name}_remaining", []), dtype=np.float64)
+        if gain.size > 1 and np.isfinite(gain).all():
+            stats.update(remaining=float(gain.mean()),
+                         remaining_se=float(gain.std(ddof=1) / math.sqrt(gain.size)))  # fmt: skip
+        if stats:
+            out[name] = stats
     return out
 
 
@@ -647,7 +665,7 @@ def _summarise(
         settings=settings,
         local_fit=local_fit,
         refinement={str(k): quantity(f"elbo_refined/{k}") for k in refined},
-        log_px_khat=_tails(per, estimates, settings),
+        log_px_weights=_weight_summaries(per, estimates, settings),
         data_id=data_id,
         per_datapoint=per,
     )

@@ -3,10 +3,16 @@ r"""Importance weights: the log of their mean, its Monte Carlo error, and their 
 IWAE and AIS both estimate log p(x) as log (1/S) sum_s w_s from S weights per datapoint
 (draws from q for IWAE, annealed chains for AIS); they differ only in how the weights
 are made. :class:`LogMeanWeight` is the one place that turns weights into an estimate,
-fed chunk by chunk so that memory does not grow with S. It returns three things:
+fed chunk by chunk so that memory does not grow with S. It returns four things:
 
-- the estimate log mean(w), a stochastic lower bound on log p(x);
+- the estimate L_S = log mean(w), a stochastic lower bound on log p(x);
 - its delta-method standard error sqrt((mean(w^2) / mean(w)^2 - 1) / S);
+- what more weights would still gain, (L_S - L_{S/4}) / 3 with L_{S/4} from the first
+  quarter of the weights. Both IWAE's and AIS's weights are unbiased for p(x), so the
+  estimate falls short of log p(x) only by the log of an average, a shortfall of about
+  Var(w) / (2 S E[w]^2) that shrinks as 1/S where the variance is finite; the rise over
+  the last three quarters is then three times what is left. Heavier tails shrink slower,
+  so there this is an underestimate (k-hat says when);
 - the Pareto k-hat of the weights' upper tail (Vehtari, Simpson, Gelman, Yao & Gabry
   2024, "Pareto smoothed importance sampling", JMLR 25), fitted to the largest
   M = min(S / 5, 3 sqrt(S)) weights by the method of Zhang & Stephens (2009). Where
@@ -49,12 +55,15 @@ class ImportanceEstimate:
         stderr: its delta-method Monte Carlo standard error (NaN for S = 1).
         khat: Pareto k-hat of the weights' upper tail (NaN where S is too small to fit
             one); above ``khat_threshold(samples)`` the estimate is not to be trusted.
+        remaining: (L_S - L_{S/4}) / 3, what more weights would still add to the estimate
+            (NaN for S < 4).
         samples: S, the number of weights per datapoint.
     """
 
     log_px: Tensor
     stderr: Tensor
     khat: Tensor
+    remaining: Tensor
     samples: int
 
 
@@ -129,11 +138,17 @@ class LogMeanWeight:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.samples, self.seen = samples, 0
         self.tail = tail_size(samples) if samples >= 25 else 0  # too few draws: no fit
-        self.lse = self.lse_sq = self.top = None
+        self.quarter = samples // 4  # the first quarter's estimate, for what more would gain
+        self.lse = self.lse_sq = self.top = self.lse_quarter = None
 
     def add(self, log_w: Tensor) -> None:
         """Take the next chunk of log-weights, ``(chunk, batch)``."""
         log_w = log_w.detach()
+        if self.seen < self.quarter:  # (part of) the chunk falls in the first quarter
+            first = torch.logsumexp(log_w[: self.quarter - self.seen], 0)
+            self.lse_quarter = first if self.lse_quarter is None else torch.logaddexp(
+                self.lse_quarter, first
+            )
         chunk_lse, chunk_sq = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
         if self.lse is None:
             self.lse, self.lse_sq = chunk_lse, chunk_sq
@@ -156,4 +171,7 @@ class LogMeanWeight:
             khat = khat.to(log_px.dtype)
         else:
             khat = torch.full_like(log_px, math.nan)
-        return ImportanceEstimate(log_px, stderr, khat, self.samples)
+        remaining = torch.full_like(log_px, math.nan)
+        if self.quarter > 0:
+            remaining = (log_px - (self.lse_quarter - math.log(self.quarter))) / 3
+        return ImportanceEstimate(log_px, stderr, khat, remaining, self.samples)
