@@ -19,6 +19,7 @@ from amortized.decoders import DECODERS
 from amortized.nn import ACTIVATIONS
 from amortized.refine import METHODS
 from amortized.registry import FAMILIES
+from amortized.routes import ROUTES
 
 #: integer settings and their smallest valid value (None: any integer)
 INTS = {"latent_dim": 1, "samples": 1, "epochs": 0, "batch_size": 1, "patience": 1,
@@ -28,7 +29,7 @@ INTS = {"latent_dim": 1, "samples": 1, "epochs": 0, "batch_size": 1, "patience":
 FLOATS = {"lr": False, "svi_lr": False, "warmup_epochs": True, "free_bits": True, "grad_clip": True}
 CHOICES = {
     "likelihood": DECODERS, "family": FAMILIES, "objective": train_module.OBJECTIVES,
-    "inference": train_module.INFERENCE, "svi_method": METHODS,
+    "inference": tuple(ROUTES), "svi_method": METHODS,
     "lr_schedule": train_module.LR_SCHEDULES, "kl_schedule": train_module.KL_SCHEDULES,
     "free_bits_mode": train_module.FREE_BITS_MODES, "decoder": train_module.DECODER_KINDS,
     "activation": ACTIVATIONS,

@@ -42,13 +42,13 @@ from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
 from .iterative import STARTS as ITERATIVE_STARTS
-from .iterative import IterativeEncoder
 from .mapped import MappedRows
 from .model import LatentVariableModel
 from .nn import ACTIVATIONS, adam
 from .pixelcnn import GatedPixelCNNDecoder
-from .refine import METHODS, refine
+from .refine import METHODS
 from .registry import FAMILIES
+from .routes import ROUTES, Amortized, route_for
 
 __all__ = [
     "Trained",
@@ -104,10 +104,6 @@ def validate(config: TrainConfig) -> None:
         ),
         (config.encoder in ENCODER_KINDS, f"encoder must be one of {ENCODER_KINDS}"),
         (
-            config.encoder == "mlp" or config.inference != "iterative",
-            "iterative inference has its own encoder: encoder must be mlp",
-        ),
-        (
             len(config.conv_channels) >= 1 and all(c >= 1 for c in config.conv_channels),
             "conv_channels needs at least one stage, each >= 1",
         ),
@@ -125,7 +121,7 @@ def validate(config: TrainConfig) -> None:
             "grad_clip must be a number >= 0 (0: no clipping)",
         ),
         (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
-        (config.inference in INFERENCE, f"inference must be one of {INFERENCE}"),
+        (config.inference in ROUTES, f"inference must be one of {tuple(ROUTES)}"),
         (config.svi_steps >= 0, "svi_steps must be >= 0"),
         (config.iterations >= 1, "iterations must be >= 1"),
         (
@@ -160,8 +156,10 @@ def validate(config: TrainConfig) -> None:
             "diagnostics_points must be 0 (off) or >= 2",
         ),
         (
-            not config.aggressive or config.inference == "amortized",
-            "aggressive training is for inference amortized",
+            not config.aggressive or config.inference not in ROUTES
+            or ROUTES[config.inference].supports_aggressive,
+            "aggressive training is for inference "
+            + ", ".join(name for name, r in ROUTES.items() if r.supports_aggressive),
         ),
         (
             not config.aggressive or config.diagnostics_points >= 2,
@@ -170,14 +168,14 @@ def validate(config: TrainConfig) -> None:
         (config.patience >= 1, "patience must be >= 1"),
         (config.valid_samples >= 1, "valid_samples must be >= 1"),
     ]
+    if config.inference in ROUTES:
+        checks += ROUTES[config.inference].check(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
 LR_SCHEDULES = ("constant", "burda", "cosine")
-#: Inference whose encoder and model learn from one objective, as DDP needs.
-DISTRIBUTED_INFERENCE = ("amortized", "savae", "iterative")
 DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
 AUTOREGRESSIVE = ("pixelcnn", "made")
 ENCODER_KINDS = ("mlp", "conv")
@@ -252,17 +250,12 @@ def build(
             f"{data_dim} values per datapoint and image shape {image_shape}"
         )
     try:  # a conv stage count that does not divide the image, ...
-        decoder = _decoder(config, data_dim, image_shape)
-        encoder = None if config.inference == "iterative" else _encoder(
-            config, data_dim, image_shape, family)  # fmt: skip
+        model = LatentVariableModel(_decoder(config, data_dim, image_shape), config.latent_dim)
+        encoder = route_for(config).build_encoder(
+            lambda: _encoder(config, data_dim, image_shape, family), model, family, data_dim
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    model = LatentVariableModel(decoder, config.latent_dim)
-    if config.inference == "iterative":
-        encoder = IterativeEncoder(
-            model, family, data_dim, iterations=config.iterations, hidden=config.hidden,
-            activation=config.activation, start=config.iterative_start,
-        )  # fmt: skip
     return model, encoder, family
 
 
@@ -331,7 +324,6 @@ def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
 
 
 #: How q is computed in training: ``TrainConfig.inference``.
-INFERENCE = ("amortized", "savae", "vae+svi", "svi", "iterative")
 
 
 def free_bits_kl(
@@ -364,17 +356,6 @@ def _objective(config: TrainConfig, model, family, lam, x, beta) -> Tensor:
     )
 
 
-def _initial_lam(inference: str, encoder: nn.Module, family: VariationalFamily, x: Tensor):
-    """lambda_0: the prior for ``svi``, else the encoder's output."""
-    if inference == "svi":
-        return family.prior_init(x.shape[0], device=x.device, dtype=x.dtype)
-    return encoder(x)
-
-
-def _svi(config: TrainConfig) -> dict:
-    return {"steps": config.svi_steps, "method": config.svi_method, "lr": config.svi_lr}
-
-
 def training_bounds(
     config: TrainConfig,
     model: LatentVariableModel,
@@ -383,18 +364,8 @@ def training_bounds(
     x: Tensor,
     beta: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
-    """The bounds, ``(batch,)`` each, whose gradients train the model and the encoder.
-
-    - ``amortized``: both are the bound at lambda_0 = encoder(x).
-    - ``savae``: both are the bound at lambda_K, K refinement steps from lambda_0, with
-      the graph of every step kept, so the encoder learns through the steps (exact
-      second-order autograd) and the model through lambda_K's dependence on it too.
-    - ``vae+svi``: the model's is the bound at lambda_K refined from a detached
-      lambda_0; the encoder's is its own bound at lambda_0.
-    - ``svi``: the model's is the bound at lambda_K refined from the prior; no encoder.
-
-    - ``iterative``: both are the bound averaged over the T iterates of the learned
-      update network (Marino et al. 2018).
+    """The bounds, ``(batch,)`` each, whose gradients train the model and the encoder, as
+    the config's route (:mod:`amortized.routes`) makes them from the config's objective.
 
     The same tensor is returned twice where model and encoder share the objective.
     """
@@ -402,24 +373,7 @@ def training_bounds(
     def bound(lam: Tensor) -> Tensor:
         return _objective(config, model, family, lam, x, beta)
 
-    if config.inference == "iterative":
-        iterates = encoder.trajectory(x)
-        value = torch.stack([bound(lam) for lam in iterates])
-        value = value.mean(0)
-        return value, value
-    lam0 = _initial_lam(config.inference, encoder, family, x)
-    if config.inference == "amortized":
-        value = bound(lam0)
-        return value, value
-    if config.inference == "svi":
-        lam = refine(model, family, x, lam0, beta=beta, **_svi(config))
-        return bound(lam), None
-    if config.inference == "savae":
-        lam = refine(model, family, x, lam0, beta=beta, create_graph=True, **_svi(config))
-        value = bound(lam)
-        return value, value
-    lam = refine(model, family, x, lam0, beta=beta, **_svi(config))  # vae+svi
-    return bound(lam), bound(lam0)
+    return route_for(config).bounds(model, encoder, family, x, bound, beta)
 
 
 def evaluate_elbo(
@@ -431,16 +385,12 @@ def evaluate_elbo(
     batch_size: int = 1000,
     config: TrainConfig | None = None,
 ) -> float:
-    """Mean ELBO over x of the encoder's q, or of the q a config's inference refines."""
+    """Mean ELBO over x of the encoder's q, or of the q a config's route computes."""
+    route = Amortized() if config is None else route_for(config)
     total = 0.0
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
-        inference = config.inference if config is not None else "amortized"
-        inference = "amortized" if inference == "iterative" else inference  # its encoder
-        with torch.no_grad():
-            lam = _initial_lam(inference, encoder, family, xb)
-        if inference != "amortized":
-            lam = refine(model, family, xb, lam, **_svi(config))
+        lam = route.lam(model, encoder, family, xb)
         with torch.no_grad():
             total += float(elbo(model, family, lam, xb, samples).sum())
     return total / x.shape[0]
@@ -573,12 +523,12 @@ def train(
     rank 0 writes the run directory.
     """
     validate(config)
-    if distributed.requested_size() > 1 and (
-        config.inference not in DISTRIBUTED_INFERENCE or config.aggressive
-    ):
+    route = route_for(config)
+    if distributed.requested_size() > 1 and (not route.shared_objective or config.aggressive):
+        shared = tuple(name for name, r in ROUTES.items() if r.shared_objective)
         raise ConfigError(
-            f"distributed training supports inference {DISTRIBUTED_INFERENCE} without "
-            "aggressive training (their encoder and model share one objective)"
+            f"distributed training supports inference {shared} without aggressive training "
+            "(their encoder and model share one objective)"
         )
     world = distributed.init(torch.device(config.device).type)
     run_dir = Path(run_dir)
@@ -605,7 +555,7 @@ def train(
     train_x = train_x.to(device)
     valid_x = prepare_split(dataset, "valid", config.likelihood, config.seed).to(device)
     diagnostics_x = None  # where the latent code's use is checked every epoch
-    if config.diagnostics_points and config.inference != "svi":  # svi has no encoder
+    if config.diagnostics_points and route.has_encoder:
         diagnostics_x = evaluation_subset(valid_x, config.diagnostics_points, config.seed)
 
     torch.manual_seed(config.seed)
