@@ -70,11 +70,11 @@ def test_resume_after_crash_ends_like_uninterrupted_run(
     config = TrainConfig(**TINY)
     train(config, tmp_path / "whole", dataset=tiny_data)
 
-    import amortized.train as train_module
+    import amortized.fit as fit_module  # the one loop that writes every checkpoint
 
     calls = {"n": 0}
     if crash_at == "after_checkpoint":
-        crash_after_saves(train_module, 2)
+        crash_after_saves(fit_module, 2)
     else:
         real_step = torch.optim.Adam.step
 
@@ -612,11 +612,11 @@ def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
 def test_an_aggressive_run_killed_after_a_checkpoint_resumes_exactly(
     tiny_data, tmp_path, monkeypatch, crash_after_saves
 ):
-    import amortized.train as train_module
+    import amortized.fit as fit_module
 
     config = TrainConfig(**{**TINY, "aggressive": True, "diagnostics_points": 50})
     train(config, tmp_path / "whole", dataset=tiny_data)
-    crash_after_saves(train_module, 2)
+    crash_after_saves(fit_module, 2)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "killed", dataset=tiny_data)
     monkeypatch.undo()

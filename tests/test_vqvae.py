@@ -133,12 +133,12 @@ def _fit_tiny(run_dir, epochs=3):
 def test_fit_trains_the_vqvae_and_resumes_exactly_after_a_kill(
     tmp_path, monkeypatch, crash_after_saves
 ):
-    import amortized.vqvae as vqvae_module
+    import amortized.fit as fit_module  # the one loop that writes every checkpoint
 
     vq, log = _fit_tiny(tmp_path / "whole")
     assert log[-1]["bound"] > log[0]["bound"] and log[-1]["train_loss"] < log[0]["train_loss"]
     assert log[-1]["perplexity"] > 2  # several codes in use
-    crash_after_saves(vqvae_module, 1)
+    crash_after_saves(fit_module, 1)
     with pytest.raises(KeyboardInterrupt):
         _fit_tiny(tmp_path / "killed")
     monkeypatch.undo()

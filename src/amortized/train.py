@@ -17,9 +17,7 @@ Run directory layout::
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -28,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from . import distributed
 from .autoregressive import MADEDecoder, WithoutLatent
@@ -41,6 +38,7 @@ from .diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, kl_to_prior
 from .families import VariationalFamily
+from .fit import fit_epochs, read_metrics
 from .iterative import STARTS as ITERATIVE_STARTS
 from .mapped import MappedRows
 from .model import LatentVariableModel
@@ -499,15 +497,172 @@ def _identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("device", "data_dir", "progress")}
 
 
-def _truncate_metrics(path: Path, epochs: int) -> None:
-    """Keep the first ``epochs`` lines: a run killed after logging resumes without duplicates."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if len(lines) > epochs:  # rewrite atomically: a kill here must not lose earlier lines
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(lines[:epochs]))
-        os.replace(tmp, path)
+class _VAEEpochs:
+    """The VAE's epochs for :func:`amortized.fit.fit_epochs`: minibatch steps on the
+    route's bounds, validation, early stopping, and the state that resumes them."""
+
+    def __init__(self, config: TrainConfig, model, encoder, family, route, world, device,
+                 train_x: Tensor, valid_x: Tensor, dynamic: bool, diagnostics_x):  # fmt: skip
+        self.config, self.model, self.encoder, self.family = config, model, encoder, family
+        self.route, self.world, self.device = route, world, device
+        self.train_x, self.valid_x, self.dynamic = train_x, valid_x, dynamic
+        self.diagnostics_x = diagnostics_x  # where the latent code's use is checked
+        self.optimizer = adam([*model.parameters(), *encoder.parameters()], config.lr)
+        self.bounds: nn.Module = _Bounds(config, model, encoder, family)
+        if world.size > 1:  # averages the gradients of every backward pass across processes
+            ids = [device.index] if device.type == "cuda" else None
+            self.bounds = DistributedDataParallel(self.bounds, device_ids=ids)
+        self.order_rng = torch.Generator().manual_seed(config.seed)
+        self.binarize_rng = torch.Generator(device).manual_seed(config.seed + 1)
+        self.steps_per_epoch = math.ceil(train_x.shape[0] / config.batch_size)
+        self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -math.inf, 0
+        self.aggressive, self.last_mi = config.aggressive, -math.inf  # He et al.'s switch
+        self.best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
+
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs or self.bad_epochs >= self.config.patience
+
+    def state(self) -> dict:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "order": self.order_rng.get_state(),
+            "binarize": self.binarize_rng.get_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": to_dict(self.config),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "aggressive": self.aggressive,
+            "last_mi": self.last_mi,
+            "model": self.model.state_dict(),
+            "encoder": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_state": self.best_state,
+            "rng": rng,
+        }
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.encoder.load_state_dict(state["encoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.order_rng.set_state(state["rng"]["order"])
+        device = self.binarize_rng.get_state().device
+        self.binarize_rng.set_state(state["rng"]["binarize"].to(device))
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
+        self.bad_epochs, self.best_state = state["bad_epochs"], state["best_state"]
+        self.aggressive = state.get("aggressive", False)
+        self.last_mi = state.get("last_mi", -math.inf)
+
+    def _minibatch(self, idx: Tensor) -> Tensor:  # (batch, data_dim), binarized if dynamic
+        xb = self.train_x[idx.to(self.device)]
+        return binarize(xb, generator=self.binarize_rng) if self.dynamic else xb
+
+    def _draw(self) -> Tensor:  # a random minibatch for aggressive encoder steps
+        n = self.train_x.shape[0]
+        return self._minibatch(torch.randint(n, (self.config.batch_size,),
+                                             generator=self.order_rng))  # fmt: skip
+
+    def run_epoch(self) -> dict:
+        config, world, model, encoder = self.config, self.world, self.model, self.encoder
+        start = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config, self.epoch)
+        model.train()
+        encoder.train()
+        total_loss, seen, skipped, encoder_steps = 0.0, 0, 0, 0
+        if world.size > 1:  # each process its own noise, reproducible from (seed, epoch, rank)
+            torch.manual_seed(config.seed + 7919 * self.epoch + 104729 * world.rank)
+            self.binarize_rng.manual_seed(config.seed + 1 + 7919 * self.epoch + 104729 * world.rank)
+        order = torch.randperm(self.train_x.shape[0], generator=self.order_rng)
+        for idx in order.split(config.batch_size):
+            if len(idx) < world.size:
+                continue  # a last minibatch too small to share
+            xb = self._minibatch(idx[world.rank :: world.size])  # this process's share
+            beta = kl_weight(config, self.step + 1, self.steps_per_epoch)
+            if self.aggressive:
+                encoder_steps += _aggressive_encoder_steps(
+                    config, model, encoder, self.family, self.optimizer, self._draw, beta
+                )
+            self.step += 1
+            loss = self._step(xb, beta)
+            if loss is None:
+                skipped += 1
+                continue
+            total_loss += loss * xb.shape[0]
+            seen += xb.shape[0]
+        model.eval()
+        encoder.eval()
+        valid = _validation_elbo(model, encoder, self.family, self.valid_x, config, world)
+        if world.size > 1:
+            total_loss = distributed.all_sum(total_loss, world)
+            seen = distributed.all_sum(seen, world)
+        self.epoch += 1
+        if valid > self.best:
+            self.best, self.bad_epochs = valid, 0
+            self.best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
+        else:
+            self.bad_epochs += 1
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "beta": beta,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / seen if seen else float("nan"),  # over steps taken
+            "valid_elbo": valid,
+            "best_valid_elbo": self.best,
+            "skipped_steps": skipped,
+            "seconds": time.perf_counter() - start,
+        }
+        if self.diagnostics_x is not None and world.main:
+            # a decoder cut off from z collapses the code by design: logged, not warned of
+            record.update(_latent_record(model, encoder, self.family, self.diagnostics_x,
+                                         self.epoch, warn=config.decoder_uses_z))  # fmt: skip
+        if config.aggressive:
+            record.update(aggressive=self.aggressive, encoder_steps=encoder_steps)
+            if self.aggressive and record["mutual_information"] <= self.last_mi:
+                self.aggressive = False  # I(x; z) stopped rising: a plain VAE from here
+            self.last_mi = record["mutual_information"]
+        return record
+
+    def _step(self, xb: Tensor, beta: float) -> float | None:
+        """One optimiser step on the route's bounds; the loss, or None where it or its
+        gradient is not finite and the step is skipped (on every process alike)."""
+        world, optimizer, model, encoder = self.world, self.optimizer, self.model, self.encoder
+        model_bound, encoder_bound = self.bounds(xb, beta)
+        if self.aggressive:  # the encoder has had its steps: this one is the decoder's
+            encoder_bound = None
+        loss = -model_bound.mean()
+        encoder_loss = None if encoder_bound is None else -encoder_bound.mean()
+        finite = bool(torch.isfinite(loss)) and (
+            encoder_loss is None or bool(encoder_loss.isfinite())
+        )
+        if not distributed.all_agree(finite, world):  # every process skips, or none
+            warnings.warn(f"non-finite loss at step {self.step}; step skipped", stacklevel=1)
+            if world.size > 1:  # DDP expects a backward pass after every forward
+                zero = sum(p.sum() for p in self.bounds.parameters()) * 0.0
+                zero.backward()
+                optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        if encoder_bound is model_bound:
+            loss.backward()
+        else:  # each part learns from its own bound
+            _backward(loss, model.parameters())
+            if encoder_loss is not None:
+                _backward(encoder_loss, encoder.parameters())
+        if not _finite_gradients(optimizer, self.config.grad_clip):
+            warnings.warn(f"non-finite gradient at step {self.step}; step skipped", stacklevel=1)
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.step()
+        return float(loss.detach())
 
 
 def train(
@@ -533,7 +688,7 @@ def train(
     world = distributed.init(torch.device(config.device).type)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if state is not None and _identity(_completed(state["config"])) != _identity(to_dict(config)):
         raise ConfigError(
@@ -562,165 +717,12 @@ def train(
     model, encoder, family = build(config, dataset.data_dim, dataset.image_shape)
     model.to(device)
     encoder.to(device)
-    optimizer = adam([*model.parameters(), *encoder.parameters()], config.lr)
-    bounds: nn.Module = _Bounds(config, model, encoder, family)
-    if world.size > 1:  # averages the gradients of every backward pass across processes
-        ids = [device.index] if device.type == "cuda" else None
-        bounds = DistributedDataParallel(bounds, device_ids=ids)
-    order_rng = torch.Generator().manual_seed(config.seed)
-    binarize_rng = torch.Generator(device).manual_seed(config.seed + 1)
-    n = train_x.shape[0]
-    steps_per_epoch = math.ceil(n / config.batch_size)
-
-    epoch, step, best, bad_epochs = 0, 0, -math.inf, 0
-    aggressive, last_mi = config.aggressive, -math.inf  # He et al.'s switch and its watch
-
-    def minibatch(idx: Tensor) -> Tensor:  # (batch, data_dim), binarized afresh if dynamic
-        xb = train_x[idx.to(device)]
-        return binarize(xb, generator=binarize_rng) if dynamic else xb
-
-    def draw() -> Tensor:  # a random minibatch for aggressive encoder steps
-        return minibatch(torch.randint(n, (config.batch_size,), generator=order_rng))
-
-    best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            encoder.load_state_dict(state["encoder"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"]["torch"])
-            order_rng.set_state(state["rng"]["order"])
-            binarize_rng.set_state(state["rng"]["binarize"].to(binarize_rng.get_state().device))
-            if device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{ckpt_path} does not match this model: {err}") from None
-        epoch, step, best = state["epoch"], state["step"], state["best"]
-        bad_epochs, best_state = state["bad_epochs"], state["best_state"]
-        aggressive, last_mi = state.get("aggressive", False), state.get("last_mi", -math.inf)
-    if world.main:
-        _truncate_metrics(metrics_path, epoch)
-
-    bar = tqdm(
-        total=config.epochs, initial=epoch, desc="train", leave=False,
-        disable=not (config.progress and world.main),
-    )  # fmt: skip
-    while epoch < config.epochs and bad_epochs < config.patience:
-        start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, epoch)
-        model.train()
-        encoder.train()
-        total_loss, seen, skipped, encoder_steps = 0.0, 0, 0, 0
-        if world.size > 1:  # each process its own noise, reproducible from (seed, epoch, rank)
-            torch.manual_seed(config.seed + 7919 * epoch + 104729 * world.rank)
-            binarize_rng.manual_seed(config.seed + 1 + 7919 * epoch + 104729 * world.rank)
-        for idx in torch.randperm(n, generator=order_rng).split(config.batch_size):
-            if len(idx) < world.size:
-                continue  # a last minibatch too small to share
-            idx = idx[world.rank :: world.size]  # this process's share
-            xb = minibatch(idx)
-            beta = kl_weight(config, step + 1, steps_per_epoch)
-            if aggressive:
-                encoder_steps += _aggressive_encoder_steps(
-                    config, model, encoder, family, optimizer, draw, beta
-                )
-            model_bound, encoder_bound = bounds(xb, beta)
-            if aggressive:  # the encoder has had its steps: this one is the decoder's
-                encoder_bound = None
-            loss = -model_bound.mean()
-            step += 1
-            encoder_loss = None if encoder_bound is None else -encoder_bound.mean()
-            finite = bool(torch.isfinite(loss)) and (
-                encoder_loss is None or bool(encoder_loss.isfinite())
-            )
-            if not distributed.all_agree(finite, world):  # every process skips, or none
-                skipped += 1
-                warnings.warn(f"non-finite loss at step {step}; step skipped", stacklevel=1)
-                if world.size > 1:  # DDP expects a backward pass after every forward
-                    zero = sum(p.sum() for p in bounds.parameters()) * 0.0
-                    zero.backward()
-                    optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            if encoder_bound is model_bound:
-                loss.backward()
-            else:  # each part learns from its own bound
-                _backward(loss, model.parameters())
-                if encoder_loss is not None:
-                    _backward(encoder_loss, encoder.parameters())
-            if not _finite_gradients(optimizer, config.grad_clip):
-                skipped += 1
-                warnings.warn(f"non-finite gradient at step {step}; step skipped", stacklevel=1)
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.step()
-            total_loss += float(loss.detach()) * xb.shape[0]
-            seen += xb.shape[0]
-        model.eval()
-        encoder.eval()
-        valid = _validation_elbo(model, encoder, family, valid_x, config, world)
-        if world.size > 1:
-            total_loss = distributed.all_sum(total_loss, world)
-            seen = distributed.all_sum(seen, world)
-        epoch += 1
-        if valid > best:
-            best, bad_epochs = valid, 0
-            best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
-        else:
-            bad_epochs += 1
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "beta": beta,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total_loss / seen if seen else float("nan"),  # over steps taken
-            "valid_elbo": valid,
-            "best_valid_elbo": best,
-            "skipped_steps": skipped,
-            "seconds": time.perf_counter() - start,
-        }
-        if diagnostics_x is not None and world.main:
-            # a decoder cut off from z collapses the code by design: logged, not warned of
-            record.update(_latent_record(model, encoder, family, diagnostics_x, epoch,
-                                         warn=config.decoder_uses_z))  # fmt: skip
-        if config.aggressive:
-            record.update(aggressive=aggressive, encoder_steps=encoder_steps)
-            if aggressive and record["mutual_information"] <= last_mi:
-                aggressive = False  # I(x; z) stopped rising: train as a plain VAE from here
-            last_mi = record["mutual_information"]
-        bar.update(1)
-        bar.set_postfix(valid_elbo=f"{valid:.2f}", best=f"{best:.2f}")
-        if not world.main:
-            continue
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        rng = {
-            "torch": torch.get_rng_state(),
-            "order": order_rng.get_state(),
-            "binarize": binarize_rng.get_state(),
-        }
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": to_dict(config),
-                "epoch": epoch,
-                "step": step,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "aggressive": aggressive,
-                "last_mi": last_mi,
-                "model": model.state_dict(),
-                "encoder": encoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "best_state": best_state,
-                "rng": rng,
-            },
-            ckpt_path,
-        )
-    bar.close()
+    run = _VAEEpochs(config, model, encoder, family, route, world, device, train_x, valid_x,
+                     dynamic, diagnostics_x)  # fmt: skip
+    fit_epochs(run, run_dir, checkpoint_format=CHECKPOINT_FORMAT, write=world.main,
+               progress=config.progress and world.main, total=config.epochs)  # fmt: skip
+    model, encoder, best_state = run.model, run.encoder, run.best_state
+    epoch, best = run.epoch, run.best
     distributed.assert_in_sync([model, encoder], world)
 
     model.load_state_dict(best_state["model"])
@@ -765,11 +767,3 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
     model.to(device).eval()
     encoder.to(device).eval()
     return Trained(model, encoder, family, config, image_shape, run_dir)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of ``run_dir/metrics.jsonl``, oldest first ([] before any)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -22,7 +22,6 @@ is used equally, 1 when one code takes everything).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
-from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .decoders import BernoulliMLPDecoder
+from .fit import fit_epochs
 from .nn import adam, mlp
 
 __all__ = ["VQVAE", "CodePrior", "codebook_perplexity", "fit"]
@@ -180,7 +179,8 @@ def fit(
 ) -> list[dict]:
     """Adam on ``loss(batch)`` for ``epochs`` epochs over ``train_x``; resumable.
 
-    After every epoch ``valid_score()`` is logged to ``run_dir/metrics.jsonl`` and
+    The epochs run through the project's one resumable loop (:func:`amortized.fit.fit_epochs`):
+    after every epoch ``valid_score()`` is logged to ``run_dir/metrics.jsonl`` and
     everything needed to resume (weights and buffers such as the EMA codebook, optimiser,
     random streams) is written atomically to ``run_dir/checkpoint.pt``; run the same call
     again after a kill and it carries on from the last finished epoch. Returns the log.
@@ -188,40 +188,53 @@ def fit(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     torch.manual_seed(seed)
-    optimizer = adam(module.parameters(), lr)
-    order = torch.Generator().manual_seed(seed)
-    epoch, log = 0, []
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        try:
-            module.load_state_dict(state["module"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{ckpt} does not match this model: {err}") from None
-        if state["format"] != FIT_FORMAT:
-            raise CheckpointError(f"{ckpt} was written by another trainer ({state['format']})")
-        torch.set_rng_state(state["rng"])
-        order.set_state(state["order"])
-        epoch, log = state["epoch"], state["log"]
-    while epoch < epochs:
-        start = time.perf_counter()
-        module.train()
-        total = 0.0
-        for idx in torch.randperm(train_x.shape[0], generator=order).split(batch_size):
-            value = loss(train_x[idx.to(train_x.device)])
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            total += float(value.detach()) * len(idx)
-        module.eval()
-        epoch += 1
-        record = {"epoch": epoch, "train_loss": total / train_x.shape[0], **valid_score()}
-        log.append(record | {"seconds": time.perf_counter() - start})
-        state = {"format": FIT_FORMAT, "module": module.state_dict(), "epoch": epoch, "log": log}
-        state |= {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-        save_atomic(state | {"order": order.get_state()}, ckpt)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    epochs_run = _AdamEpochs(module, loss, train_x, valid_score, epochs, batch_size, lr, seed)
+    fit_epochs(epochs_run, run_dir, checkpoint_format=FIT_FORMAT)
     module.eval()
-    return log
+    return list(epochs_run.log)
+
+
+class _AdamEpochs:
+    """Plain Adam epochs over shuffled minibatches, for :func:`amortized.fit.fit_epochs`."""
+
+    def __init__(self, module, loss, train_x, valid_score, epochs, batch_size, lr, seed):
+        self.module, self.loss, self.train_x, self.valid_score = module, loss, train_x, valid_score
+        self.epochs, self.batch_size = epochs, batch_size
+        self.optimizer = adam(module.parameters(), lr)
+        self.order = torch.Generator().manual_seed(seed)
+        self.epoch, self.log = 0, []
+
+    def done(self) -> bool:
+        return self.epoch >= self.epochs
+
+    def run_epoch(self) -> dict:
+        start = time.perf_counter()
+        self.module.train()
+        total = 0.0
+        for idx in torch.randperm(self.train_x.shape[0], generator=self.order).split(
+            self.batch_size
+        ):
+            value = self.loss(self.train_x[idx.to(self.train_x.device)])
+            self.optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            self.optimizer.step()
+            total += float(value.detach()) * len(idx)
+        self.module.eval()
+        self.epoch += 1
+        record = {"epoch": self.epoch, "train_loss": total / self.train_x.shape[0],
+                  **self.valid_score()}  # fmt: skip
+        self.log.append(record | {"seconds": time.perf_counter() - start})
+        return self.log[-1]
+
+    def state(self) -> dict:
+        return {"module": self.module.state_dict(), "epoch": self.epoch, "log": self.log,
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "order": self.order.get_state()}  # fmt: skip
+
+    def load(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.order.set_state(state["order"])
+        self.epoch, self.log = state["epoch"], state["log"]
