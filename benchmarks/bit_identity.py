@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import amortized
-from amortized.cli import main as cli
+from amortized.apps.cli import main as cli
 from amortized.data import load_dataset
 
 ROUTES = ("amortized", "savae", "vae+svi", "svi", "iterative")

@@ -20,9 +20,9 @@ import torch
 from peak import decoder_macs, peak_flops, sync
 
 from amortized import iwae_bound
-from amortized.ais import ais
 from amortized.data import load_dataset
-from amortized.train import evaluation_subset, load_run, prepare_split
+from amortized.measure.ais import ais
+from amortized.train.loop import evaluation_subset, load_run, prepare_split
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import warnings
 import torch
 
 import amortized
+from amortized.apps.study import measure_gaps
 from amortized.config import GapConfig
 from amortized.data import load_dataset
-from amortized.study import measure_gaps
-from amortized.train import load_run, prepare_split
+from amortized.train.loop import load_run, prepare_split
 
 
 def main() -> None:

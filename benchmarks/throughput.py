@@ -42,7 +42,7 @@ from peak import peak_flops, sync
 
 from amortized.config import TrainConfig
 from amortized.data import Dataset, load_dataset
-from amortized.nn import mlp
+from amortized.nets.layers import mlp
 from amortized.train import train
 
 LATENT, HIDDEN, DATA = 50, (200, 200), 784

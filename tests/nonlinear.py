@@ -14,7 +14,7 @@ import math
 import torch
 
 from amortized import LatentVariableModel
-from amortized.decoders import BernoulliMLPDecoder
+from amortized.nets.decoders import BernoulliMLPDecoder
 
 DTYPE = torch.float64
 

@@ -7,7 +7,7 @@ import torch
 from linear_gaussian import LinearGaussian
 
 from amortized import DiagonalGaussian, FullCovarianceGaussian
-from amortized.ais import ais, bdmc, reverse_ais, schedule
+from amortized.measure.ais import ais, bdmc, reverse_ais, schedule
 
 
 @pytest.fixture(autouse=True)

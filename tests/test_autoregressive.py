@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from amortized import LatentVariableModel
-from amortized.autoregressive import MADEDecoder, WithoutLatent
 from amortized.config import ConfigError, TrainConfig
-from amortized.pixelcnn import GatedPixelCNNDecoder
+from amortized.nets.autoregressive import MADEDecoder, WithoutLatent
+from amortized.nets.pixelcnn import GatedPixelCNNDecoder
 from amortized.train import build
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amortized import train as train_module
-from amortized.cli import main
+from amortized.apps.cli import main
 from amortized.config import TrainConfig, tomllib
-from amortized.decoders import DECODERS
-from amortized.nn import ACTIVATIONS
-from amortized.refine import METHODS
-from amortized.registry import FAMILIES
-from amortized.routes import ROUTES
+from amortized.families import FAMILIES
+from amortized.inference.refine import METHODS
+from amortized.inference.routes import ROUTES
+from amortized.nets.decoders import DECODERS
+from amortized.nets.layers import ACTIVATIONS
+from amortized.train import loop as train_module
 
 #: integer settings and their smallest valid value (None: any integer)
 INTS = {"latent_dim": 1, "samples": 1, "epochs": 0, "batch_size": 1, "patience": 1,

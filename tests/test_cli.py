@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from amortized.cli import main
+from amortized.apps.cli import main
 from amortized.data import load_dataset
 
 TINY = [
@@ -128,7 +128,7 @@ def test_study_of_an_untrained_model(tiny_npz, tmp_path):
 
 
 def test_training_plot_survives_epochs_without_finite_values(tmp_path):
-    from amortized.plots import plot_training_curves
+    from amortized.apps.plots import plot_training_curves
 
     metrics = [{"epoch": e, "train_loss": 100.0 - e, "valid_elbo": -101.0 + e} for e in range(5)]
     metrics += [{"epoch": 5, "train_loss": float("nan"), "valid_elbo": float("nan")}]
@@ -150,7 +150,7 @@ def test_study_with_the_autoregressive_decoder_shows_draws(tiny_npz, tmp_path):
 def test_warnings_are_shown_as_one_line_each_and_the_usual_display_comes_back(capsys):
     import warnings
 
-    from amortized.cli import _plain_warnings
+    from amortized.apps.cli import _plain_warnings
 
     usual = warnings.showwarning
     with _plain_warnings(), warnings.catch_warnings():

@@ -16,7 +16,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amortized import data
 from amortized.data import (
     DATASETS,
     DataError,
@@ -28,6 +27,7 @@ from amortized.data import (
     fixed_binarization,
     load_dataset,
 )
+from amortized.data import core as data
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BINARIZED_NPZ = SHARED_DATA / "binarized_mnist.npz"

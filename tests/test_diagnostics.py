@@ -7,14 +7,14 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from amortized import DiagonalGaussian, FullCovarianceGaussian
-from amortized.diagnostics import (
+from amortized.estimators import kl_to_prior
+from amortized.measure.diagnostics import (
     active_units,
     collapse_warning,
     kl_per_dimension,
     latent_diagnostics,
     mutual_information,
 )
-from amortized.estimators import kl_to_prior
 
 PRIOR = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
 
@@ -116,7 +116,7 @@ def test_diagnostics_of_a_collapsed_code_warn():
 
 
 def test_the_diagonal_fast_path_matches_torch_distributions():
-    from amortized.diagnostics import _cross_log_prob
+    from amortized.measure.diagnostics import _cross_log_prob
 
     torch.manual_seed(0)
     family = DiagonalGaussian(4)

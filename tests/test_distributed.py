@@ -13,7 +13,7 @@ import torch
 
 from amortized.config import ConfigError, TrainConfig
 from amortized.data import load_dataset
-from amortized.train import load_run, read_metrics, train
+from amortized.train.loop import load_run, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_two_processes_train_in_step_and_rank_0_writes_the_run(tiny_npz, tmp_pat
     trained = load_run(run)
     # the validation ELBO the processes agreed on is the whole split's (101 rows, odd:
     # shares of 51 and 50), close to what one process measures on the saved model
-    from amortized.train import evaluate_elbo, prepare_split
+    from amortized.train.loop import evaluate_elbo, prepare_split
 
     valid_x = prepare_split(load_dataset(str(tiny_npz)), "valid", "bernoulli", 0)
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def test_distributed_training_refuses_modes_with_two_objectives(tmp_path, monkey
 
 
 def test_a_gap_report_shared_by_two_processes_equals_one_process_s(tiny_npz, tmp_path):
-    from amortized.cli import main
+    from amortized.apps.cli import main
 
     run = tmp_path / "run"
     config = TrainConfig(dataset=str(tiny_npz), latent_dim=2, hidden=(16,), epochs=1,

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from amortized.families import DiagonalGaussian, FullCovarianceGaussian
-from amortized.flows import InverseAutoregressiveFlow, PlanarFlow
-from amortized.registry import FAMILIES
+from amortized.families import FAMILIES, DiagonalGaussian, FullCovarianceGaussian
+from amortized.families.flows import InverseAutoregressiveFlow, PlanarFlow
 
 DTYPE = torch.float64
 

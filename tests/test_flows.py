@@ -9,7 +9,12 @@ from torch.autograd.functional import jacobian
 from torch.distributions import Independent, Normal
 
 from amortized import DiagonalGaussian, MLPEncoder, elbo, fit_local, iwae_bound
-from amortized.flows import InverseAutoregressiveFlow, PlanarFlow, PlanarTransform, made_masks
+from amortized.families.flows import (
+    InverseAutoregressiveFlow,
+    PlanarFlow,
+    PlanarTransform,
+    made_masks,
+)
 
 DTYPE = torch.float64
 

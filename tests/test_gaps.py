@@ -1,4 +1,4 @@
-"""Tests of amortized.gaps: the gap decomposition against linear-Gaussian closed forms.
+"""Tests of amortized.measure.gaps: the gap decomposition against linear-Gaussian closed forms.
 
 The encoder is deliberately poor, q(z | x) = N(0.7 m(x), I) with m(x) the exact posterior
 mean, so every gap has a closed form: the inference gap is KL(q || p(z | x)), the

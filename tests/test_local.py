@@ -1,4 +1,4 @@
-"""Tests of amortized.local: per-datapoint VI against the linear-Gaussian closed forms."""
+"""Tests of amortized.inference.local: per-datapoint VI against the linear-Gaussian closed forms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from linear_gaussian import LinearGaussian
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from amortized import DiagonalGaussian, FullCovarianceGaussian, elbo, fit_local
-from amortized.optimiser import AdamState, adam_step, adam_step_, common_draws_elbo
+from amortized.inference.optimiser import AdamState, adam_step, adam_step_, common_draws_elbo
 
 DTYPE = torch.float64
 
@@ -162,7 +162,7 @@ def test_step_budget_caps_every_row(lg, x):
 
 
 def test_without_a_tolerance_every_row_takes_every_step_and_nothing_is_checked(lg, x, monkeypatch):
-    import amortized.optimiser as optimiser
+    import amortized.inference.optimiser as optimiser
 
     def no_check(*args, **kwargs):
         raise AssertionError("the plateau check ran although no row can plateau")

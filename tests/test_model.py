@@ -14,7 +14,7 @@ from amortized import (
     LatentVariableModel,
     MLPEncoder,
 )
-from amortized.decoders import LogitBernoulli
+from amortized.nets.decoders import LogitBernoulli
 
 
 def test_log_joint_is_prior_plus_likelihood():

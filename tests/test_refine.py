@@ -8,8 +8,8 @@ from linear_gaussian import LinearGaussian
 from torch import nn
 
 from amortized import DiagonalGaussian, LatentVariableModel, elbo
-from amortized.decoders import BernoulliMLPDecoder
-from amortized.refine import refine, refinement_curve, refinement_path
+from amortized.inference.refine import refine, refinement_curve, refinement_path
+from amortized.nets.decoders import BernoulliMLPDecoder
 
 DTYPE = torch.float64
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from amortized import gap_report
-from amortized.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from amortized.config import ConfigError, TrainConfig, load_config, save_config
 from amortized.data import Dataset, load_dataset
-from amortized.iterative import IterativeEncoder
-from amortized.train import build, load_run, read_metrics, train, training_bounds
+from amortized.inference.iterative import IterativeEncoder
+from amortized.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from amortized.train.loop import build, load_run, read_metrics, train, training_bounds
 
 TINY = dict(latent_dim=2, hidden=(16,), epochs=4, batch_size=50, progress=False, patience=50)
 
@@ -70,7 +70,7 @@ def test_resume_after_crash_ends_like_uninterrupted_run(
     config = TrainConfig(**TINY)
     train(config, tmp_path / "whole", dataset=tiny_data)
 
-    import amortized.fit as fit_module  # the one loop that writes every checkpoint
+    import amortized.train.fit as fit_module  # the one loop that writes every checkpoint
 
     calls = {"n": 0}
     if crash_at == "after_checkpoint":
@@ -372,7 +372,7 @@ def test_config_toml_round_trip_and_errors(tmp_path):
 
 
 def test_evaluation_subset_is_a_fixed_spread_out_sample():
-    from amortized.train import evaluation_subset
+    from amortized.train.loop import evaluation_subset
 
     x = torch.arange(1000.0)[:, None]  # rows sorted, like binarized MNIST's test split
     a, b = evaluation_subset(x, 100), evaluation_subset(x, 100)
@@ -429,7 +429,7 @@ def test_iterative_inference_from_an_encoder_starts_at_its_output_and_trains_it(
 def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
     tiny_data, tmp_path, monkeypatch
 ):
-    import amortized.train as train_module
+    import amortized.train.loop as train_module
 
     real, calls = train_module.training_bounds, {"n": 0}
 
@@ -457,8 +457,8 @@ def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
 
 
 def test_every_epoch_logs_the_latent_code_and_warns_when_it_collapses(tiny_data, tmp_path):
-    from amortized.diagnostics import latent_diagnostics
-    from amortized.train import evaluation_subset, prepare_split
+    from amortized.measure.diagnostics import latent_diagnostics
+    from amortized.train.loop import evaluation_subset, prepare_split
 
     config = TrainConfig(**{**TINY, "epochs": 2, "diagnostics_points": 60})
     with pytest.warns(UserWarning, match="latent code collapsing") as caught:
@@ -484,8 +484,8 @@ def test_every_epoch_logs_the_latent_code_and_warns_when_it_collapses(tiny_data,
 
 @pytest.mark.parametrize("mode", ["dimension", "total"])
 def test_free_bits_floor_the_kl_and_stop_its_gradient_below_the_floor(tiny_data, mode):
-    from amortized.diagnostics import kl_per_dimension
     from amortized.estimators import elbo
+    from amortized.measure.diagnostics import kl_per_dimension
 
     torch.manual_seed(0)
     config = TrainConfig(**{**TINY, "latent_dim": 3, "free_bits": 0.5, "free_bits_mode": mode})
@@ -501,7 +501,7 @@ def test_free_bits_floor_the_kl_and_stop_its_gradient_below_the_floor(tiny_data,
     torch.manual_seed(1)
     bound = training_bounds(config, model, encoder, family, x)[0]  # encoder's own lam
     assert bound.shape == (20,)
-    from amortized.train import _objective
+    from amortized.train.loop import _objective
 
     torch.manual_seed(1)
     value = _objective(config, model, family, lam, x, beta=0.7)
@@ -562,7 +562,11 @@ def test_made_decoder_trains_reloads_and_needs_binary_data(tiny_data, tmp_path):
 
 
 def test_aggressive_encoder_steps_move_the_encoder_only_until_its_loss_stalls(tiny_data):
-    from amortized.train import AGGRESSIVE_MAX_STEPS, AGGRESSIVE_WINDOW, _aggressive_encoder_steps
+    from amortized.train.loop import (
+        AGGRESSIVE_MAX_STEPS,
+        AGGRESSIVE_WINDOW,
+        _aggressive_encoder_steps,
+    )
 
     torch.manual_seed(0)
     config = TrainConfig(**{**TINY, "aggressive": True})
@@ -592,7 +596,7 @@ def test_aggressive_encoder_steps_move_the_encoder_only_until_its_loss_stalls(ti
 def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
     tiny_data, tmp_path, monkeypatch
 ):
-    import amortized.train as train_module
+    import amortized.train.loop as train_module
 
     mi = iter([1.0, 0.5, 2.0, 3.0])  # falls at epoch 2: plain VAE from epoch 3 on
     real = train_module._latent_record
@@ -612,7 +616,7 @@ def test_aggressive_training_switches_off_when_mutual_information_stops_rising(
 def test_an_aggressive_run_killed_after_a_checkpoint_resumes_exactly(
     tiny_data, tmp_path, monkeypatch, crash_after_saves
 ):
-    import amortized.fit as fit_module
+    import amortized.train.fit as fit_module
 
     config = TrainConfig(**{**TINY, "aggressive": True, "diagnostics_points": 50})
     train(config, tmp_path / "whole", dataset=tiny_data)
@@ -625,7 +629,7 @@ def test_an_aggressive_run_killed_after_a_checkpoint_resumes_exactly(
 
 
 def test_gradient_clipping_scales_the_total_norm_down_and_only_down():
-    from amortized.train import _finite_gradients
+    from amortized.train.loop import _finite_gradients
 
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD([a, b], lr=1.0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from amortized.vqvae import VQVAE, CodePrior, codebook_perplexity
+from amortized.nets.vqvae import VQVAE, CodePrior, codebook_perplexity
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_perplexity_of_code_usage():
 
 def _fit_tiny(run_dir, epochs=3):
     from amortized.data import load_dataset
-    from amortized.vqvae import fit
+    from amortized.train.fit import fit
 
     x = load_dataset("mnist5k").train[:300].round()
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def _fit_tiny(run_dir, epochs=3):
 def test_fit_trains_the_vqvae_and_resumes_exactly_after_a_kill(
     tmp_path, monkeypatch, crash_after_saves
 ):
-    import amortized.fit as fit_module  # the one loop that writes every checkpoint
+    import amortized.train.fit as fit_module  # the one loop that writes every checkpoint
 
     vq, log = _fit_tiny(tmp_path / "whole")
     assert log[-1]["bound"] > log[0]["bound"] and log[-1]["train_loss"] < log[0]["train_loss"]

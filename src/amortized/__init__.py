@@ -6,17 +6,17 @@ lambda_i freely (:func:`fit_local`); refinement starts from lambda(x) and takes 
 (:func:`refine`); the gap report measures what the difference costs.
 """
 
-from .ais import AISResult, ais, bdmc, reverse_ais
-from .decoders import BernoulliMLPDecoder, GaussianMLPDecoder
-from .encoders import MLPEncoder
 from .estimators import elbo, iwae_bound, iwae_estimate, kl_to_prior
 from .families import DiagonalGaussian, FullCovarianceGaussian, VariationalFamily
-from .flows import InverseAutoregressiveFlow, PlanarFlow
-from .gaps import GapReport, Quantity, difference, gap_report, merge_reports
-from .iterative import IterativeEncoder
-from .local import LocalFit, fit_local
+from .families.flows import InverseAutoregressiveFlow, PlanarFlow
+from .inference.iterative import IterativeEncoder
+from .inference.local import LocalFit, fit_local
+from .inference.refine import RefinementPoint, refine, refinement_curve
+from .measure.ais import AISResult, ais, bdmc, reverse_ais
+from .measure.gaps import GapReport, Quantity, difference, gap_report, merge_reports
 from .model import LatentVariableModel
-from .refine import RefinementPoint, refine, refinement_curve
+from .nets.decoders import BernoulliMLPDecoder, GaussianMLPDecoder
+from .nets.encoders import MLPEncoder
 from .weights import ImportanceEstimate
 
 __version__ = "0.1.0"

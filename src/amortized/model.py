@@ -25,7 +25,7 @@ class LatentVariableModel(nn.Module):
     ``(batch, latent_dim)``, and log-densities have the shape of z without its last axis.
 
     Example:
-        >>> from amortized.decoders import BernoulliMLPDecoder
+        >>> from amortized.nets.decoders import BernoulliMLPDecoder
         >>> model = LatentVariableModel(BernoulliMLPDecoder(2, 5, hidden=(8,)), latent_dim=2)
         >>> x = torch.ones(3, 5)
         >>> model.log_joint(x, torch.zeros(10, 3, 2)).shape

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .encoders import MLPEncoder, flat_data
-from .families import VariationalFamily
-from .model import LatentVariableModel
-from .nn import mlp
+from ..families import VariationalFamily
+from ..model import LatentVariableModel
+from ..nets.encoders import MLPEncoder, flat_data
+from ..nets.layers import mlp
 from .optimiser import elbo_and_grad
 
 __all__ = ["IterativeEncoder"]
@@ -55,7 +55,7 @@ class IterativeEncoder(nn.Module):
     Example:
         >>> import torch
         >>> from amortized import LatentVariableModel, DiagonalGaussian
-        >>> from amortized.decoders import BernoulliMLPDecoder
+        >>> from amortized.nets.decoders import BernoulliMLPDecoder
         >>> model = LatentVariableModel(BernoulliMLPDecoder(2, 6, hidden=(8,)), 2)
         >>> enc = IterativeEncoder(model, DiagonalGaussian(2), 6, iterations=3, hidden=(8,))
         >>> enc(torch.ones(5, 6)).shape

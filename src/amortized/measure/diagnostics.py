@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from .families import DiagonalGaussian, VariationalFamily
+from ..families import DiagonalGaussian, VariationalFamily
 
 __all__ = [
     "LatentDiagnostics",

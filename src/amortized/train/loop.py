@@ -27,26 +27,25 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
-from .autoregressive import MADEDecoder, WithoutLatent
+from .. import distributed
+from ..config import ConfigError, TrainConfig, from_dict, save_config, to_dict
+from ..data.core import DataError, Dataset, binarize, check_data, fixed_binarization, load_dataset
+from ..data.mapped import MappedRows
+from ..estimators import elbo, iwae_bound, kl_to_prior
+from ..families import FAMILIES, VariationalFamily
+from ..inference.iterative import STARTS as ITERATIVE_STARTS
+from ..inference.refine import METHODS
+from ..inference.routes import ROUTES, Amortized, route_for
+from ..measure.diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
+from ..model import LatentVariableModel
+from ..nets.autoregressive import MADEDecoder, WithoutLatent
+from ..nets.conv import ConvDecoder, ConvEncoder
+from ..nets.decoders import DECODERS
+from ..nets.encoders import MLPEncoder
+from ..nets.layers import ACTIVATIONS, adam
+from ..nets.pixelcnn import GatedPixelCNNDecoder
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .config import ConfigError, TrainConfig, from_dict, save_config, to_dict
-from .conv import ConvDecoder, ConvEncoder
-from .data import DataError, Dataset, binarize, check_data, fixed_binarization, load_dataset
-from .decoders import DECODERS
-from .diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
-from .encoders import MLPEncoder
-from .estimators import elbo, iwae_bound, kl_to_prior
-from .families import VariationalFamily
 from .fit import fit_epochs, read_metrics
-from .iterative import STARTS as ITERATIVE_STARTS
-from .mapped import MappedRows
-from .model import LatentVariableModel
-from .nn import ACTIVATIONS, adam
-from .pixelcnn import GatedPixelCNNDecoder
-from .refine import METHODS
-from .registry import FAMILIES
-from .routes import ROUTES, Amortized, route_for
 
 __all__ = [
     "Trained",
@@ -363,7 +362,7 @@ def training_bounds(
     beta: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """The bounds, ``(batch,)`` each, whose gradients train the model and the encoder, as
-    the config's route (:mod:`amortized.routes`) makes them from the config's objective.
+    the config's route (:mod:`amortized.inference.routes`) makes them from the config's objective.
 
     The same tensor is returned twice where model and encoder share the objective.
     """
@@ -443,7 +442,7 @@ def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, wor
 
 def _latent_record(model, encoder, family, x: Tensor, epoch: int, warn: bool = True) -> dict:
     """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
-    collapse (:func:`amortized.diagnostics.collapse_warning`) when ``warn``."""
+    collapse (:func:`amortized.measure.diagnostics.collapse_warning`) when ``warn``."""
     with torch.no_grad():
         diag = latent_diagnostics(family, encoder(x), model.prior)
     message = collapse_warning(diag)
@@ -498,7 +497,7 @@ def _identity(config: dict) -> dict:
 
 
 class _VAEEpochs:
-    """The VAE's epochs for :func:`amortized.fit.fit_epochs`: minibatch steps on the
+    """The VAE's epochs for :func:`amortized.train.fit.fit_epochs`: minibatch steps on the
     route's bounds, validation, early stopping, and the state that resumes them."""
 
     def __init__(self, config: TrainConfig, model, encoder, family, route, world, device,

@@ -4,7 +4,7 @@ Classical (non-amortized) VI fits q(z; lambda_i) to p(z | x_i) by gradient ascen
 that datapoint's ELBO (Hoffman et al. 2013; Cremer, Li & Duvenaud 2018 call the optimum
 q*). Because the objective of a batch is a *sum* of per-datapoint ELBOs, the gradient
 with respect to row i of ``lam`` depends on x_i alone, so one vectorised optimiser fits
-thousands of independent problems at once: :class:`amortized.optimiser.LambdaOptimiser`,
+thousands of independent problems at once: :class:`amortized.inference.optimiser.LambdaOptimiser`,
 with its own Adam state, step size and stopping rule per row.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .families import VariationalFamily
-from .model import LatentVariableModel
+from ..families import VariationalFamily
+from ..model import LatentVariableModel
 from .optimiser import AdamState, LambdaOptimiser, LocalFit, adam_step
 
 __all__ = ["fit_local", "LocalFit", "AdamState", "adam_step"]
@@ -49,7 +49,7 @@ def fit_local(
     ``lr_decay`` and restarts its Adam moments (as it also does when its gradients' scale
     has fallen tenfold, ``restart_ratio``). After ``max_decays`` plateaus the row has
     converged and stops (it costs nothing from then on). No row runs more than ``steps``
-    steps. Model parameters get no gradients. See :mod:`amortized.optimiser`.
+    steps. Model parameters get no gradients. See :mod:`amortized.inference.optimiser`.
 
     Arguments:
         model: the generative model p(x, z), held fixed.
@@ -71,7 +71,7 @@ def fit_local(
     Example:
         >>> import torch
         >>> from amortized import LatentVariableModel, DiagonalGaussian
-        >>> from amortized.decoders import GaussianMLPDecoder
+        >>> from amortized.nets.decoders import GaussianMLPDecoder
         >>> model = LatentVariableModel(GaussianMLPDecoder(2, 3, hidden=(4,), scale=1.0), 2)
         >>> fit = fit_local(model, DiagonalGaussian(2), torch.randn(5, 3), steps=100)
         >>> fit.lam.shape

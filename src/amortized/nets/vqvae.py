@@ -23,9 +23,7 @@ is used equally, 1 when one code takes everything).
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +31,9 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
 from .decoders import BernoulliMLPDecoder
-from .fit import fit_epochs
-from .nn import adam, mlp
+from .layers import mlp
 
-__all__ = ["VQVAE", "CodePrior", "codebook_perplexity", "fit"]
-
-FIT_FORMAT = "amortized-fit-v1"
+__all__ = ["VQVAE", "CodePrior", "codebook_perplexity"]
 
 
 def codebook_perplexity(codes: Tensor, codebook_size: int) -> tuple[float, int]:
@@ -163,78 +158,3 @@ class CodePrior(nn.Module):
             probs = self.logits(padded)[:, -1].softmax(-1)
             codes = torch.cat([codes, torch.multinomial(probs, 1)], dim=1)
         return codes
-
-
-def fit(
-    module: nn.Module,
-    loss: Callable[[Tensor], Tensor],
-    train_x: Tensor,
-    valid_score: Callable[[], dict[str, float]],
-    run_dir: str | Path,
-    *,
-    epochs: int,
-    batch_size: int = 100,
-    lr: float = 1e-3,
-    seed: int = 0,
-) -> list[dict]:
-    """Adam on ``loss(batch)`` for ``epochs`` epochs over ``train_x``; resumable.
-
-    The epochs run through the project's one resumable loop (:func:`amortized.fit.fit_epochs`):
-    after every epoch ``valid_score()`` is logged to ``run_dir/metrics.jsonl`` and
-    everything needed to resume (weights and buffers such as the EMA codebook, optimiser,
-    random streams) is written atomically to ``run_dir/checkpoint.pt``; run the same call
-    again after a kill and it carries on from the last finished epoch. Returns the log.
-    Used for the VQ-VAE (its loss) and for the code prior (the codes' negative log-prior).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    epochs_run = _AdamEpochs(module, loss, train_x, valid_score, epochs, batch_size, lr, seed)
-    fit_epochs(epochs_run, run_dir, checkpoint_format=FIT_FORMAT)
-    module.eval()
-    return list(epochs_run.log)
-
-
-class _AdamEpochs:
-    """Plain Adam epochs over shuffled minibatches, for :func:`amortized.fit.fit_epochs`."""
-
-    def __init__(self, module, loss, train_x, valid_score, epochs, batch_size, lr, seed):
-        self.module, self.loss, self.train_x, self.valid_score = module, loss, train_x, valid_score
-        self.epochs, self.batch_size = epochs, batch_size
-        self.optimizer = adam(module.parameters(), lr)
-        self.order = torch.Generator().manual_seed(seed)
-        self.epoch, self.log = 0, []
-
-    def done(self) -> bool:
-        return self.epoch >= self.epochs
-
-    def run_epoch(self) -> dict:
-        start = time.perf_counter()
-        self.module.train()
-        total = 0.0
-        for idx in torch.randperm(self.train_x.shape[0], generator=self.order).split(
-            self.batch_size
-        ):
-            value = self.loss(self.train_x[idx.to(self.train_x.device)])
-            self.optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            self.optimizer.step()
-            total += float(value.detach()) * len(idx)
-        self.module.eval()
-        self.epoch += 1
-        record = {"epoch": self.epoch, "train_loss": total / self.train_x.shape[0],
-                  **self.valid_score()}  # fmt: skip
-        self.log.append(record | {"seconds": time.perf_counter() - start})
-        return self.log[-1]
-
-    def state(self) -> dict:
-        return {"module": self.module.state_dict(), "epoch": self.epoch, "log": self.log,
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                "order": self.order.get_state()}  # fmt: skip
-
-    def load(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        self.order.set_state(state["order"])
-        self.epoch, self.log = state["epoch"], state["log"]

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .families import VariationalFamily
-from .nn import ACTIVATIONS, mlp
+from ..families import VariationalFamily
+from .layers import ACTIVATIONS, mlp
 
 __all__ = ["MLPEncoder"]
 

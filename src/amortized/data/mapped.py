@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DataError, Dataset, binarization_of, check_data, image_shape_of
+from .core import DataError, Dataset, binarization_of, check_data, image_shape_of
 
 __all__ = ["MappedRows", "load_mapped_directory"]
 

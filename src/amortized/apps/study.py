@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .config import GapConfig, StudyConfig, to_dict
-from .data import load_dataset
-from .gaps import GapReport, difference, gap_report
+from .. import distributed
+from ..config import GapConfig, StudyConfig, to_dict
+from ..data.core import load_dataset
+from ..families import FAMILIES
+from ..inference.refine import METHODS
+from ..measure.gaps import GapReport, difference, gap_report
+from ..train.loop import Trained, evaluation_subset, prepare_split, read_metrics, train
 from .plots import (
     plot_bound_against_cost,
     plot_gap_bars,
@@ -30,9 +33,6 @@ from .plots import (
     plot_latent_use,
     plot_training_curves,
 )
-from .refine import METHODS
-from .registry import FAMILIES
-from .train import Trained, evaluation_subset, prepare_split, read_metrics, train
 
 __all__ = ["run_study", "measure_gaps"]
 

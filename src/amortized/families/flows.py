@@ -18,7 +18,7 @@ import zuko
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal, Transform, TransformedDistribution, constraints
 
-from .families import VariationalFamily, gaussian_step_scale
+from .base import VariationalFamily, gaussian_step_scale
 
 __all__ = ["PlanarTransform", "PlanarFlow", "InverseAutoregressiveFlow", "IAFHead", "made_masks"]
 

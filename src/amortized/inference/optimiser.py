@@ -42,9 +42,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .estimators import elbo
-from .families import VariationalFamily
-from .model import LatentVariableModel
+from ..estimators import elbo
+from ..families import VariationalFamily
+from ..model import LatentVariableModel
 
 __all__ = [
     "elbo_and_grad",

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .families import VariationalFamily
-from .model import LatentVariableModel
-from .weights import LogMeanWeight
+from ..families import VariationalFamily
+from ..model import LatentVariableModel
+from ..weights import LogMeanWeight
 
 __all__ = ["AISResult", "ais", "reverse_ais", "bdmc", "schedule"]
 
@@ -184,7 +184,7 @@ def ais(
     Example:
         >>> import torch
         >>> from amortized import LatentVariableModel
-        >>> from amortized.decoders import GaussianMLPDecoder
+        >>> from amortized.nets.decoders import GaussianMLPDecoder
         >>> model = LatentVariableModel(GaussianMLPDecoder(2, 3, hidden=(4,), scale=1.0), 2)
         >>> ais(model, torch.randn(5, 3), steps=10, chains=4).log_px.shape
         torch.Size([5])

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
+from ..families import VariationalFamily
 from .decoders import LogitBernoulli
 from .encoders import flat_data
-from .families import VariationalFamily
-from .nn import ACTIVATIONS, mlp
+from .layers import ACTIVATIONS, mlp
 
 __all__ = ["ConvEncoder", "ConvDecoder"]
 

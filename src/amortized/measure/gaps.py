@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from .. import distributed
+from ..distributed import World
+from ..estimators import elbo, iwae_estimate
+from ..families import VariationalFamily
+from ..inference.local import fit_local
+from ..inference.refine import refinement_path
+from ..model import LatentVariableModel
+from ..weights import khat_threshold
 from .ais import ais
-from .distributed import World
-from .estimators import elbo, iwae_estimate
-from .families import VariationalFamily
-from .local import fit_local
-from .model import LatentVariableModel
-from .refine import refinement_path
-from .weights import khat_threshold
 
 __all__ = ["GapReport", "Quantity", "difference", "gap_report", "merge_reports"]
 

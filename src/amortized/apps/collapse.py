@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import REMEDY_NAMES, CollapseConfig, ConfigError, TrainConfig, save_config, to_dict
-from .data import Dataset, load_dataset
-from .diagnostics import collapse_warning, latent_diagnostics
-from .estimators import elbo, iwae_bound
+from ..config import REMEDY_NAMES, CollapseConfig, ConfigError, TrainConfig, save_config, to_dict
+from ..data.core import Dataset, load_dataset
+from ..estimators import elbo, iwae_bound
+from ..measure.diagnostics import collapse_warning, latent_diagnostics
+from ..nets.vqvae import VQVAE, CodePrior, codebook_perplexity
+from ..train.fit import fit
+from ..train.loop import Trained, evaluation_subset, prepare_split, read_metrics, train
+from ..train.loop import validate as validate_training
 from .plots import plot_images, plot_latent_use
-from .train import Trained, evaluation_subset, prepare_split, read_metrics, train
-from .train import validate as validate_training
-from .vqvae import VQVAE, CodePrior, codebook_perplexity, fit
 
 __all__ = ["REMEDIES", "run_collapse_study", "score_vae"]
 

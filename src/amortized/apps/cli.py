@@ -17,8 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
-from .config import (
+from ..config import (
     CollapseConfig,
     ConfigError,
     GapConfig,
@@ -27,7 +26,8 @@ from .config import (
     coerce,
     load_config,
 )
-from .data import DataError
+from ..data.core import DataError
+from ..train.checkpoint import CheckpointError
 
 __all__ = ["main"]
 
@@ -149,7 +149,7 @@ def _study(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import train
+    from ..train.loop import train
 
     config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
     config = _apply(config, args)
@@ -161,10 +161,10 @@ def _train(args: argparse.Namespace) -> None:
 def _gap(args: argparse.Namespace) -> None:
     import torch
 
-    from . import distributed
-    from .data import load_dataset
+    from .. import distributed
+    from ..data.core import load_dataset
+    from ..train.loop import evaluation_subset, load_run, prepare_split
     from .study import measure_gaps
-    from .train import evaluation_subset, load_run, prepare_split
 
     config = load_config(GapConfig, args.config) if args.config else GapConfig()
     config = _apply(config, args)
@@ -199,7 +199,7 @@ def _collapse(args: argparse.Namespace) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from .data import default_data_dir, download_binarized_mnist
+    from ..data.core import default_data_dir, download_binarized_mnist
 
     path = download_binarized_mnist(args.data_dir or default_data_dir())
     print(f"binarized MNIST is in {path}")

@@ -180,7 +180,7 @@ def load_dataset(
     Arguments:
         name: ``"mnist5k"``, ``"binarized-mnist"``, a directory holding ``train.npy``,
             ``valid.npy`` and ``test.npy`` (the training split is memory-mapped, not read:
-            :mod:`amortized.mapped`), or a path ending in ``.npy``/``.npz``.
+            :mod:`amortized.data.mapped`), or a path ending in ``.npy``/``.npz``.
             A ``.npz`` with arrays ``train`` and ``test`` (``valid`` optional: without it the
             last 10% of ``train`` becomes ``valid``), or a file with one array, split 80/10/10
             by a fixed permutation. Trailing dimensions are flattened, uint8 data with values

@@ -3,7 +3,7 @@ r"""Autoregressive decoders for binary data: p(x | z) = prod_i Bernoulli(x_i | x
 Such a decoder can model x well with no help from z, which is what makes posterior
 collapse likely (Bowman et al. 2016; Chen et al. 2017): the KL term then pulls q(z | x)
 onto the prior. Two networks compute the logits: the gated PixelCNN of
-:mod:`amortized.pixelcnn` (convolutional, for images) and :class:`MADEDecoder` here, a
+:mod:`amortized.nets.pixelcnn` (convolutional, for images) and :class:`MADEDecoder` here, a
 masked MLP (Germain et al. 2015, "MADE") conditioned on z, which sees every earlier pixel
 at the cost of an MLP and so reproduces collapse on a CPU in minutes.
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from zuko.nn import MaskedLinear
 
-from .nn import ACTIVATIONS
+from .layers import ACTIVATIONS
 
 __all__ = ["AutoregressiveBernoulli", "MADEDecoder", "WithoutLatent"]
 

@@ -4,7 +4,7 @@ A trainer (:class:`Epochs`) knows how to run one epoch and what it must save to 
 :func:`fit_epochs` does the rest, the same way for the VAE, the VQ-VAE and its code
 prior: resume from the checkpoint if there is one, drop metrics lines a killed run wrote
 after its last checkpoint, then epoch by epoch append the record to ``metrics.jsonl`` and
-write the checkpoint atomically (:mod:`amortized.checkpoint`). A run killed at any point
+write the checkpoint atomically (:mod:`amortized.train.checkpoint`). A run killed at any point
 and started again with the same call ends where an uninterrupted run ends, as long as
 the trainer's state holds every random stream it draws from.
 """
@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..nets.layers import adam
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 
-__all__ = ["Epochs", "fit_epochs", "read_metrics"]
+__all__ = ["Epochs", "fit", "fit_epochs", "read_metrics"]
+
+#: The checkpoint format of :func:`fit`'s runs.
+FIT_FORMAT = "amortized-fit-v1"
 
 
 class Epochs(Protocol):
@@ -102,3 +110,78 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def fit(
+    module: nn.Module,
+    loss: Callable[[Tensor], Tensor],
+    train_x: Tensor,
+    valid_score: Callable[[], dict[str, float]],
+    run_dir: str | Path,
+    *,
+    epochs: int,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[dict]:
+    """Adam on ``loss(batch)`` for ``epochs`` epochs over ``train_x``; resumable.
+
+    The epochs run through the one resumable loop, :func:`fit_epochs`:
+    after every epoch ``valid_score()`` is logged to ``run_dir/metrics.jsonl`` and
+    everything needed to resume (weights and buffers such as the EMA codebook, optimiser,
+    random streams) is written atomically to ``run_dir/checkpoint.pt``; run the same call
+    again after a kill and it carries on from the last finished epoch. Returns the log.
+    Used for the VQ-VAE (its loss) and for the code prior (the codes' negative log-prior).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    epochs_run = _AdamEpochs(module, loss, train_x, valid_score, epochs, batch_size, lr, seed)
+    fit_epochs(epochs_run, run_dir, checkpoint_format=FIT_FORMAT)
+    module.eval()
+    return list(epochs_run.log)
+
+
+class _AdamEpochs:
+    """Plain Adam epochs over shuffled minibatches, for :func:`amortized.train.fit.fit_epochs`."""
+
+    def __init__(self, module, loss, train_x, valid_score, epochs, batch_size, lr, seed):
+        self.module, self.loss, self.train_x, self.valid_score = module, loss, train_x, valid_score
+        self.epochs, self.batch_size = epochs, batch_size
+        self.optimizer = adam(module.parameters(), lr)
+        self.order = torch.Generator().manual_seed(seed)
+        self.epoch, self.log = 0, []
+
+    def done(self) -> bool:
+        return self.epoch >= self.epochs
+
+    def run_epoch(self) -> dict:
+        start = time.perf_counter()
+        self.module.train()
+        total = 0.0
+        for idx in torch.randperm(self.train_x.shape[0], generator=self.order).split(
+            self.batch_size
+        ):
+            value = self.loss(self.train_x[idx.to(self.train_x.device)])
+            self.optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            self.optimizer.step()
+            total += float(value.detach()) * len(idx)
+        self.module.eval()
+        self.epoch += 1
+        record = {"epoch": self.epoch, "train_loss": total / self.train_x.shape[0],
+                  **self.valid_score()}  # fmt: skip
+        self.log.append(record | {"seconds": time.perf_counter() - start})
+        return self.log[-1]
+
+    def state(self) -> dict:
+        return {"module": self.module.state_dict(), "epoch": self.epoch, "log": self.log,
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "order": self.order.get_state()}  # fmt: skip
+
+    def load(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.order.set_state(state["order"])
+        self.epoch, self.log = state["epoch"], state["log"]

@@ -28,9 +28,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .families import VariationalFamily
+from ..families import VariationalFamily
+from ..model import LatentVariableModel
 from .iterative import IterativeEncoder
-from .model import LatentVariableModel
 from .refine import refine
 
 __all__ = ["Route", "ROUTES", "register_route", "route_for",

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .estimators import elbo
-from .families import VariationalFamily
-from .model import LatentVariableModel
+from ..estimators import elbo
+from ..families import VariationalFamily
+from ..model import LatentVariableModel
 from .optimiser import BETAS, AdamState, adam_step, elbo_and_grad
 
 __all__ = ["refine", "refinement_path", "refinement_curve", "RefinementPoint"]
@@ -76,7 +76,7 @@ def refine(
     Example:
         >>> import torch
         >>> from amortized import LatentVariableModel, DiagonalGaussian
-        >>> from amortized.decoders import GaussianMLPDecoder
+        >>> from amortized.nets.decoders import GaussianMLPDecoder
         >>> model = LatentVariableModel(GaussianMLPDecoder(2, 3, hidden=(4,), scale=1.0), 2)
         >>> family = DiagonalGaussian(2)
         >>> lam0 = family.prior_init(5)

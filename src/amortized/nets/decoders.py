@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
-from .nn import mlp
+from .layers import mlp
 
 __all__ = ["BernoulliMLPDecoder", "GaussianMLPDecoder", "DECODERS", "LogitBernoulli"]
 

@@ -1,0 +1,1 @@
+"""The applications: the ``amortized`` command, the study, the collapse study, figures."""

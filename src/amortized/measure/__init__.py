@@ -1,0 +1,12 @@
+"""Measurements of what inference costs: the gap report, AIS, collapse diagnostics.
+
+- ``gaps``: the inference-gap decomposition of Cremer, Li & Duvenaud (2018);
+- ``ais``: annealed importance sampling and bidirectional Monte Carlo;
+- ``diagnostics``: KL per dimension, active units, I(x; z).
+"""
+
+from .ais import AISResult, ais, bdmc, reverse_ais
+from .gaps import GapReport, Quantity, difference, gap_report, merge_reports
+
+__all__ = ["AISResult", "ais", "bdmc", "reverse_ais", "GapReport", "Quantity", "difference",
+           "gap_report", "merge_reports"]  # fmt: skip
