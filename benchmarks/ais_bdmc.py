@@ -20,7 +20,7 @@ import torch
 from amortized import fit_local, iwae_bound
 from amortized.data import load_dataset
 from amortized.measure.ais import ais, bdmc
-from amortized.train.loop import evaluation_subset, load_run, prepare_split
+from amortized.train import evaluation_subset, load_run, prepare_split
 
 
 def main() -> None:

@@ -25,8 +25,12 @@ import numpy as np
 import torch
 
 import amortized
-from amortized.apps.cli import main as cli
 from amortized.data import load_dataset
+
+try:  # the command line's module, wherever the version being checked keeps it
+    from amortized.apps.cli import main as cli
+except ImportError:  # versions before the concept folders
+    from amortized.cli import main as cli
 
 ROUTES = ("amortized", "savae", "vae+svi", "svi", "iterative")
 QUICK = ["--latent-dim", "2", "--hidden", "16", "--epochs", "2", "--no-progress",

@@ -36,7 +36,7 @@ from amortized.apps.plots import plot_bound_against_cost
 from amortized.data import load_dataset
 from amortized.estimators import elbo
 from amortized.inference.iterative import IterativeEncoder
-from amortized.train.loop import Trained, evaluation_subset, load_run, prepare_split
+from amortized.train import Trained, evaluation_subset, load_run, prepare_split
 
 REFINE_STEPS = (0, 1, 2, 5, 10, 20, 50, 100)
 ROUTES = {

@@ -36,7 +36,7 @@ import torch
 from amortized import DiagonalGaussian, GapReport, gap_report, merge_reports
 from amortized.data import load_dataset
 from amortized.families import FAMILIES
-from amortized.train.loop import Trained, evaluation_subset, load_run, prepare_split
+from amortized.train import Trained, evaluation_subset, load_run, prepare_split
 
 #: Table 2 of the paper, MNIST, FFG-trained encoder (as quoted in our issue tracker).
 PAPER_FFG = {

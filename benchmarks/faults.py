@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from amortized.data import load_dataset
+from amortized.train import read_metrics
 from amortized.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from amortized.train.loop import read_metrics
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -28,7 +28,7 @@ from peak import decoder_macs, peak_flops, sync
 from amortized import DiagonalGaussian, elbo, fit_local
 from amortized.config import TrainConfig
 from amortized.data import load_dataset
-from amortized.train.loop import build, load_run, prepare_split
+from amortized.train import build, load_run, prepare_split
 
 
 def loop_fit(model, family, x, steps, lr, samples):

@@ -18,7 +18,7 @@ import torch
 
 from amortized import elbo, fit_local
 from amortized.data import load_dataset
-from amortized.train.loop import load_run, prepare_split
+from amortized.train import load_run, prepare_split
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from peak import decoder_macs, peak_flops, sync
 from amortized import iwae_bound
 from amortized.data import load_dataset
 from amortized.measure.ais import ais
-from amortized.train.loop import evaluation_subset, load_run, prepare_split
+from amortized.train import evaluation_subset, load_run, prepare_split
 
 
 def main() -> None:

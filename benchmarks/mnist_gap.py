@@ -20,10 +20,14 @@ import warnings
 import torch
 
 import amortized
-from amortized.apps.study import measure_gaps
 from amortized.config import GapConfig
 from amortized.data import load_dataset
-from amortized.train.loop import load_run, prepare_split
+from amortized.train import load_run, prepare_split
+
+try:  # wherever the version being measured keeps the study
+    from amortized.apps.study import measure_gaps
+except ImportError:  # versions before the concept folders
+    from amortized.study import measure_gaps
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from amortized.inference.refine import METHODS
 from amortized.inference.routes import ROUTES
 from amortized.nets.decoders import DECODERS
 from amortized.nets.layers import ACTIVATIONS
-from amortized.train import loop as train_module
+from amortized.train import factory as train_module
 
 #: integer settings and their smallest valid value (None: any integer)
 INTS = {"latent_dim": 1, "samples": 1, "epochs": 0, "batch_size": 1, "patience": 1,

@@ -12,7 +12,7 @@ from amortized.apps.cli import main
 from amortized.apps.collapse import REMEDIES, run_collapse_study, train_config
 from amortized.config import CollapseConfig, ConfigError
 from amortized.data import Dataset
-from amortized.train.loop import evaluation_subset, load_run, prepare_split, read_metrics
+from amortized.train import evaluation_subset, load_run, prepare_split, read_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,7 +9,7 @@ from amortized import DiagonalGaussian, LatentVariableModel, elbo
 from amortized.config import ConfigError, TrainConfig
 from amortized.data import Dataset, load_dataset
 from amortized.nets.conv import ConvDecoder, ConvEncoder
-from amortized.train.loop import build, load_run, read_metrics, train
+from amortized.train import build, load_run, read_metrics, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,7 +13,7 @@ import torch
 
 from amortized.config import ConfigError, TrainConfig
 from amortized.data import load_dataset
-from amortized.train.loop import load_run, read_metrics, train
+from amortized.train import load_run, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_two_processes_train_in_step_and_rank_0_writes_the_run(tiny_npz, tmp_pat
     trained = load_run(run)
     # the validation ELBO the processes agreed on is the whole split's (101 rows, odd:
     # shares of 51 and 50), close to what one process measures on the saved model
-    from amortized.train.loop import evaluate_elbo, prepare_split
+    from amortized.train import evaluate_elbo, prepare_split
 
     valid_x = prepare_split(load_dataset(str(tiny_npz)), "valid", "bernoulli", 0)
     torch.manual_seed(0)

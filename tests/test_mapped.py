@@ -9,7 +9,7 @@ import torch
 from amortized.config import TrainConfig
 from amortized.data import DataError, fixed_binarization, load_dataset
 from amortized.data.mapped import MappedRows
-from amortized.train.loop import evaluation_subset, prepare_split, read_metrics, train
+from amortized.train import evaluation_subset, prepare_split, read_metrics, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -16,7 +16,7 @@ from amortized import DiagonalGaussian, elbo
 from amortized.config import ConfigError, TrainConfig
 from amortized.data import Dataset, load_dataset
 from amortized.inference.routes import ROUTES, Route, register_route, route_for
-from amortized.train.loop import evaluate_elbo, read_metrics, train, validate
+from amortized.train import evaluate_elbo, read_metrics, train, validate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

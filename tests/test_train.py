@@ -19,8 +19,8 @@ from amortized import gap_report
 from amortized.config import ConfigError, TrainConfig, load_config, save_config
 from amortized.data import Dataset, load_dataset
 from amortized.inference.iterative import IterativeEncoder
+from amortized.train import build, load_run, read_metrics, train, training_bounds
 from amortized.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from amortized.train.loop import build, load_run, read_metrics, train, training_bounds
 
 TINY = dict(latent_dim=2, hidden=(16,), epochs=4, batch_size=50, progress=False, patience=50)
 
@@ -372,7 +372,7 @@ def test_config_toml_round_trip_and_errors(tmp_path):
 
 
 def test_evaluation_subset_is_a_fixed_spread_out_sample():
-    from amortized.train.loop import evaluation_subset
+    from amortized.train import evaluation_subset
 
     x = torch.arange(1000.0)[:, None]  # rows sorted, like binarized MNIST's test split
     a, b = evaluation_subset(x, 100), evaluation_subset(x, 100)
@@ -458,7 +458,7 @@ def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
 
 def test_every_epoch_logs_the_latent_code_and_warns_when_it_collapses(tiny_data, tmp_path):
     from amortized.measure.diagnostics import latent_diagnostics
-    from amortized.train.loop import evaluation_subset, prepare_split
+    from amortized.train import evaluation_subset, prepare_split
 
     config = TrainConfig(**{**TINY, "epochs": 2, "diagnostics_points": 60})
     with pytest.warns(UserWarning, match="latent code collapsing") as caught:

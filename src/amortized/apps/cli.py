@@ -149,7 +149,7 @@ def _study(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ..train.loop import train
+    from ..train import train
 
     config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
     config = _apply(config, args)
@@ -163,7 +163,7 @@ def _gap(args: argparse.Namespace) -> None:
 
     from .. import distributed
     from ..data.core import load_dataset
-    from ..train.loop import evaluation_subset, load_run, prepare_split
+    from ..train import evaluation_subset, load_run, prepare_split
     from .study import measure_gaps
 
     config = load_config(GapConfig, args.config) if args.config else GapConfig()

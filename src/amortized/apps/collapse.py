@@ -38,9 +38,9 @@ from ..data.core import Dataset, load_dataset
 from ..estimators import elbo, iwae_bound
 from ..measure.diagnostics import collapse_warning, latent_diagnostics
 from ..nets.vqvae import VQVAE, CodePrior, codebook_perplexity
+from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
+from ..train import validate as validate_training
 from ..train.fit import fit
-from ..train.loop import Trained, evaluation_subset, prepare_split, read_metrics, train
-from ..train.loop import validate as validate_training
 from .plots import plot_images, plot_latent_use
 
 __all__ = ["REMEDIES", "run_collapse_study", "score_vae"]

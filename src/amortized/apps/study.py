@@ -24,7 +24,7 @@ from ..data.core import load_dataset
 from ..families import FAMILIES
 from ..inference.refine import METHODS
 from ..measure.gaps import GapReport, difference, gap_report
-from ..train.loop import Trained, evaluation_subset, prepare_split, read_metrics, train
+from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
 from .plots import (
     plot_bound_against_cost,
     plot_gap_bars,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,299 +27,24 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
-from ..config import ConfigError, TrainConfig, from_dict, save_config, to_dict
-from ..data.core import DataError, Dataset, binarize, check_data, fixed_binarization, load_dataset
-from ..data.mapped import MappedRows
+from ..config import ConfigError, TrainConfig, save_config, to_dict
+from ..data.core import Dataset, binarize, load_dataset
+from ..data.splits import evaluation_subset, prepare_split
 from ..estimators import elbo, iwae_bound, kl_to_prior
-from ..families import FAMILIES, VariationalFamily
-from ..inference.iterative import STARTS as ITERATIVE_STARTS
-from ..inference.refine import METHODS
+from ..families import VariationalFamily
 from ..inference.routes import ROUTES, Amortized, route_for
 from ..measure.diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from ..model import LatentVariableModel
-from ..nets.autoregressive import MADEDecoder, WithoutLatent
-from ..nets.conv import ConvDecoder, ConvEncoder
-from ..nets.decoders import DECODERS
-from ..nets.encoders import MLPEncoder
-from ..nets.layers import ACTIVATIONS, adam
-from ..nets.pixelcnn import GatedPixelCNNDecoder
-from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .fit import fit_epochs, read_metrics
+from ..nets.layers import adam
+from .checkpoint import load_checkpoint, save_atomic
+from .factory import build, validate
+from .fit import fit_epochs
+from .run import Trained, _completed, _identity
+from .schedules import kl_weight, learning_rate
 
-__all__ = [
-    "Trained",
-    "build",
-    "train",
-    "load_run",
-    "read_metrics",
-    "prepare_split",
-    "evaluation_subset",
-    "evaluate_elbo",
-]
+__all__ = ["train", "training_bounds", "evaluate_elbo", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "amortized-train-v1"
-OBJECTIVES = ("elbo", "iwae")
-
-
-@dataclass
-class Trained:
-    """A trained model with its amortized encoder, family and the config that made it."""
-
-    model: LatentVariableModel
-    encoder: nn.Module
-    family: VariationalFamily
-    config: TrainConfig
-    image_shape: tuple[int, ...] | None = None
-    run_dir: Path | None = None
-
-
-def validate(config: TrainConfig) -> None:
-    """Reject settings that cannot work, with one line naming the field."""
-    checks = [
-        (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
-        (config.decoder in DECODER_KINDS, f"decoder must be one of {DECODER_KINDS}"),
-        (
-            config.decoder in ("mlp", "conv") or config.likelihood == "bernoulli",
-            f"the {config.decoder} decoder models binary data: likelihood must be bernoulli",
-        ),
-        (
-            config.decoder_uses_z or config.decoder in AUTOREGRESSIVE,
-            "decoder_uses_z = false needs an autoregressive decoder (made or pixelcnn)",
-        ),
-        (
-            len(config.made_hidden) >= 1 and all(h >= 1 for h in config.made_hidden),
-            "made_hidden needs at least one size, each >= 1",
-        ),
-        (
-            config.pixelcnn_channels >= 1 and config.pixelcnn_layers >= 1,
-            "pixelcnn_channels and pixelcnn_layers must be >= 1",
-        ),
-        (
-            config.pixelcnn_kernel >= 3 and config.pixelcnn_kernel % 2 == 1,
-            "pixelcnn_kernel must be odd and >= 3",
-        ),
-        (config.encoder in ENCODER_KINDS, f"encoder must be one of {ENCODER_KINDS}"),
-        (
-            len(config.conv_channels) >= 1 and all(c >= 1 for c in config.conv_channels),
-            "conv_channels needs at least one stage, each >= 1",
-        ),
-        (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
-        (config.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
-        (config.objective in OBJECTIVES, f"objective must be one of {list(OBJECTIVES)}"),
-        (config.latent_dim >= 1, "latent_dim must be >= 1"),
-        (all(h >= 1 for h in config.hidden), "hidden sizes must be >= 1"),
-        (config.samples >= 1, "samples must be >= 1"),
-        (config.epochs >= 0, "epochs must be >= 0"),
-        (config.batch_size >= 1, "batch_size must be >= 1"),
-        (config.lr > 0 and math.isfinite(config.lr), "lr must be a positive number"),
-        (
-            config.grad_clip >= 0 and math.isfinite(config.grad_clip),
-            "grad_clip must be a number >= 0 (0: no clipping)",
-        ),
-        (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
-        (config.inference in ROUTES, f"inference must be one of {tuple(ROUTES)}"),
-        (config.svi_steps >= 0, "svi_steps must be >= 0"),
-        (config.iterations >= 1, "iterations must be >= 1"),
-        (
-            config.iterative_start in ITERATIVE_STARTS,
-            f"iterative_start must be one of {ITERATIVE_STARTS}",
-        ),
-        (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
-        (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
-        (
-            config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs),
-            "warmup_epochs must be a number >= 0",
-        ),
-        (config.kl_schedule in KL_SCHEDULES, f"kl_schedule must be one of {KL_SCHEDULES}"),
-        (
-            config.free_bits >= 0 and math.isfinite(config.free_bits),
-            "free_bits must be a number >= 0",
-        ),
-        (
-            config.free_bits_mode in FREE_BITS_MODES,
-            f"free_bits_mode must be one of {FREE_BITS_MODES}",
-        ),
-        (
-            config.free_bits == 0 or config.objective == "elbo",
-            "free_bits needs objective elbo (the IWAE bound has no separate KL term)",
-        ),
-        (
-            config.free_bits == 0 or config.family in CLOSED_FORM_KL,
-            f"free_bits needs a family with a closed-form KL: {CLOSED_FORM_KL}",
-        ),
-        (
-            config.diagnostics_points == 0 or config.diagnostics_points >= 2,
-            "diagnostics_points must be 0 (off) or >= 2",
-        ),
-        (
-            not config.aggressive or config.inference not in ROUTES
-            or ROUTES[config.inference].supports_aggressive,
-            "aggressive training is for inference "
-            + ", ".join(name for name, r in ROUTES.items() if r.supports_aggressive),
-        ),
-        (
-            not config.aggressive or config.diagnostics_points >= 2,
-            "aggressive training needs diagnostics_points >= 2 (it watches I(x; z))",
-        ),
-        (config.patience >= 1, "patience must be >= 1"),
-        (config.valid_samples >= 1, "valid_samples must be >= 1"),
-    ]
-    if config.inference in ROUTES:
-        checks += ROUTES[config.inference].check(config)
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-LR_SCHEDULES = ("constant", "burda", "cosine")
-DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
-AUTOREGRESSIVE = ("pixelcnn", "made")
-ENCODER_KINDS = ("mlp", "conv")
-KL_SCHEDULES = ("linear", "sigmoid")
-FREE_BITS_MODES = ("dimension", "total")
-#: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
-CLOSED_FORM_KL = ("diagonal", "fullcov")
-
-
-def kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The KL weight beta at (1-based) training ``step``: from 0 to 1 over the warm-up.
-
-    ``linear`` is Bowman et al.'s (2016) ramp; ``sigmoid`` is the logistic curve centred
-    half way through the warm-up, 1 / (1 + exp(-10 (t - 1/2))) at fraction t of it.
-
-    Example:
-        >>> c = TrainConfig(warmup_epochs=1.0, kl_schedule="sigmoid")
-        >>> [round(kl_weight(c, s, 100), 3) for s in (1, 50, 99, 100)]
-        [0.007, 0.5, 0.993, 1.0]
-    """
-    warm = config.warmup_epochs * steps_per_epoch
-    if warm <= 0 or step >= warm:
-        return 1.0
-    t = step / warm
-    if config.kl_schedule == "linear":
-        return t
-    return 1.0 / (1.0 + math.exp(-10.0 * (t - 0.5)))
-
-
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of (0-based) ``epoch`` under ``config.lr_schedule``.
-
-    ``burda`` is the schedule of Burda, Grosse & Salakhutdinov (2016): stage i lasts 3^i
-    epochs at ``lr * 10^(-i/7)``; stages 0..7 make their 3280 epochs. ``cosine`` falls from
-    ``lr`` at the first epoch along half a cosine, towards 0 after the last.
-
-    Example:
-        >>> c = TrainConfig(lr_schedule="burda")
-        >>> [round(learning_rate(c, e) / c.lr, 3) for e in (0, 1, 3, 4, 12, 13)]
-        [1.0, 0.72, 0.72, 0.518, 0.518, 0.373]
-        >>> c = TrainConfig(lr_schedule="cosine", epochs=4)
-        >>> [round(learning_rate(c, e) / c.lr, 3) for e in range(4)]
-        [1.0, 0.854, 0.5, 0.146]
-    """
-    if config.lr_schedule == "constant":
-        return config.lr
-    if config.lr_schedule == "cosine":
-        return config.lr * (1 + math.cos(math.pi * epoch / config.epochs)) / 2
-    stage, end = 0, 1
-    while epoch >= end:
-        stage += 1
-        end += 3**stage
-    return config.lr * 10 ** (-stage / 7)
-
-
-def build(
-    config: TrainConfig, data_dim: int, image_shape: tuple[int, ...] | None = None
-) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:
-    """The model, encoder and family a config describes (freshly initialised).
-
-    ``image_shape`` (height, width) is needed by the image networks (pixelcnn and conv).
-    """
-    validate(config)
-    family = FAMILIES[config.family](config.latent_dim)
-    images = [f"the {config.decoder} decoder"] if config.decoder in ("pixelcnn", "conv") else []
-    images += ["the conv encoder"] if config.encoder == "conv" else []
-    if images and (
-        image_shape is None or len(image_shape) != 2 or math.prod(image_shape) != data_dim
-    ):
-        raise ConfigError(
-            f"{' and '.join(images)} needs images of shape (height, width); this data has "
-            f"{data_dim} values per datapoint and image shape {image_shape}"
-        )
-    try:  # a conv stage count that does not divide the image, ...
-        model = LatentVariableModel(_decoder(config, data_dim, image_shape), config.latent_dim)
-        encoder = route_for(config).build_encoder(
-            lambda: _encoder(config, data_dim, image_shape, family), model, family, data_dim
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return model, encoder, family
-
-
-def _decoder(config: TrainConfig, data_dim: int, image_shape) -> nn.Module:
-    if config.decoder in AUTOREGRESSIVE and not config.decoder_uses_z:
-        return WithoutLatent(_decoder(replace(config, decoder_uses_z=True), data_dim, image_shape))
-    if config.decoder == "pixelcnn":
-        return GatedPixelCNNDecoder(
-            config.latent_dim, image_shape, channels=config.pixelcnn_channels,
-            layers=config.pixelcnn_layers, kernel=config.pixelcnn_kernel,
-        )  # fmt: skip
-    if config.decoder == "made":
-        return MADEDecoder(
-            config.latent_dim, data_dim, hidden=config.made_hidden, activation=config.activation
-        )
-    if config.decoder == "conv":
-        return ConvDecoder(
-            config.latent_dim, image_shape, channels=config.conv_channels,
-            likelihood=config.likelihood, activation=config.activation,
-        )  # fmt: skip
-    return DECODERS[config.likelihood](
-        config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
-    )
-
-
-def _encoder(config: TrainConfig, data_dim: int, image_shape, family) -> nn.Module:
-    if config.encoder == "conv":
-        return ConvEncoder(
-            image_shape, family, channels=config.conv_channels, hidden=config.hidden[-1:],
-            activation=config.activation,
-        )  # fmt: skip
-    return MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
-
-
-def prepare_split(dataset: Dataset, split: str, likelihood: str, seed: int = 0) -> Tensor:
-    """An evaluation split ready for the likelihood: fixed binarization where needed."""
-    if split not in ("train", "valid", "test"):
-        raise ValueError(f"split must be train, valid or test, got {split!r}")
-    x = getattr(dataset, split)
-    if isinstance(x, MappedRows):  # checked chunk by chunk when the directory was opened
-        if likelihood == "bernoulli" and dataset.binarization == "none":
-            raise DataError(
-                f"{dataset.name}/{split}: values outside [0, 1]; a Bernoulli likelihood needs "
-                "binary data or grey levels in [0, 1]"
-            )
-        if likelihood == "bernoulli" and dataset.binarization == "dynamic":
-            return x.binarized(seed=1000 * seed)
-        return x
-    if likelihood == "bernoulli" and dataset.binarization == "dynamic":
-        offset = {"train": 0, "valid": 1, "test": 2}[split]
-        x = fixed_binarization(x, seed=1000 * seed + offset)
-    return check_data(x, likelihood=likelihood, name=f"{dataset.name}/{split}")
-
-
-def evaluation_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
-    """A fixed random subset of n rows (all rows if n is 0 or >= len(x)), in data order.
-
-    Not the first n rows: splits can be sorted (binarized MNIST's test split is ordered
-    by digit), and the first rows would then be a biased sample.
-    """
-    if n <= 0 or n >= x.shape[0]:
-        return x
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(x.shape[0], generator=g)[:n].sort().values
-    return x[rows]
-
-
-#: How q is computed in training: ``TrainConfig.inference``.
 
 
 def free_bits_kl(
@@ -483,17 +207,6 @@ def _backward(loss: Tensor, parameters) -> None:
 
 def _clone_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _completed(config: dict) -> dict:
-    """A saved config with the fields added since it was written set to their defaults."""
-    return to_dict(from_dict(TrainConfig, config))
-
-
-def _identity(config: dict) -> dict:
-    """The settings that define a run's result (not where it runs, where its files are
-    read from, or how verbosely)."""
-    return {k: v for k, v in config.items() if k not in ("device", "data_dir", "progress")}
 
 
 class _VAEEpochs:
@@ -742,27 +455,3 @@ def train(
         )
     distributed.finish(world)
     return Trained(model, encoder, family, config, dataset.image_shape, run_dir)
-
-
-def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
-    """Load the trained model of a finished run directory."""
-    run_dir = Path(run_dir)
-    path = run_dir / "model.pt"
-    if not path.exists():
-        hint = " (training has not finished: resume it with `amortized train`)"
-        raise CheckpointError(
-            f"no trained model in {run_dir}"
-            + (hint if (run_dir / "checkpoint.pt").exists() else "")
-        )
-    state = load_checkpoint(path, map_location=device)
-    config = from_dict(TrainConfig, state["config"])
-    image_shape = tuple(state["image_shape"]) or None
-    model, encoder, family = build(config, state["data_dim"], image_shape)
-    try:
-        model.load_state_dict(state["model"])
-        encoder.load_state_dict(state["encoder"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not match its config: {err}") from None
-    model.to(device).eval()
-    encoder.to(device).eval()
-    return Trained(model, encoder, family, config, image_shape, run_dir)

@@ -1,0 +1,198 @@
+"""What a TrainConfig builds: its checks, and the model, encoder and family it describes.
+
+Every choice a setting allows is checked here once, with one line naming the field
+(:func:`validate`); :func:`build` makes the networks, asking the config's route
+(:mod:`amortized.inference.routes`) for its encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from ..families import FAMILIES, VariationalFamily
+from ..inference.iterative import STARTS as ITERATIVE_STARTS
+from ..inference.refine import METHODS
+from ..inference.routes import ROUTES, route_for
+from ..model import LatentVariableModel
+from ..nets.autoregressive import MADEDecoder, WithoutLatent
+from ..nets.conv import ConvDecoder, ConvEncoder
+from ..nets.decoders import DECODERS
+from ..nets.encoders import MLPEncoder
+from ..nets.layers import ACTIVATIONS
+from ..nets.pixelcnn import GatedPixelCNNDecoder
+
+__all__ = ["validate", "build", "OBJECTIVES", "LR_SCHEDULES", "KL_SCHEDULES", "FREE_BITS_MODES",
+           "DECODER_KINDS", "ENCODER_KINDS", "AUTOREGRESSIVE", "CLOSED_FORM_KL"]  # fmt: skip
+
+OBJECTIVES = ("elbo", "iwae")
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject settings that cannot work, with one line naming the field."""
+    checks = [
+        (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
+        (config.decoder in DECODER_KINDS, f"decoder must be one of {DECODER_KINDS}"),
+        (
+            config.decoder in ("mlp", "conv") or config.likelihood == "bernoulli",
+            f"the {config.decoder} decoder models binary data: likelihood must be bernoulli",
+        ),
+        (
+            config.decoder_uses_z or config.decoder in AUTOREGRESSIVE,
+            "decoder_uses_z = false needs an autoregressive decoder (made or pixelcnn)",
+        ),
+        (
+            len(config.made_hidden) >= 1 and all(h >= 1 for h in config.made_hidden),
+            "made_hidden needs at least one size, each >= 1",
+        ),
+        (
+            config.pixelcnn_channels >= 1 and config.pixelcnn_layers >= 1,
+            "pixelcnn_channels and pixelcnn_layers must be >= 1",
+        ),
+        (
+            config.pixelcnn_kernel >= 3 and config.pixelcnn_kernel % 2 == 1,
+            "pixelcnn_kernel must be odd and >= 3",
+        ),
+        (config.encoder in ENCODER_KINDS, f"encoder must be one of {ENCODER_KINDS}"),
+        (
+            len(config.conv_channels) >= 1 and all(c >= 1 for c in config.conv_channels),
+            "conv_channels needs at least one stage, each >= 1",
+        ),
+        (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
+        (config.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
+        (config.objective in OBJECTIVES, f"objective must be one of {list(OBJECTIVES)}"),
+        (config.latent_dim >= 1, "latent_dim must be >= 1"),
+        (all(h >= 1 for h in config.hidden), "hidden sizes must be >= 1"),
+        (config.samples >= 1, "samples must be >= 1"),
+        (config.epochs >= 0, "epochs must be >= 0"),
+        (config.batch_size >= 1, "batch_size must be >= 1"),
+        (config.lr > 0 and math.isfinite(config.lr), "lr must be a positive number"),
+        (
+            config.grad_clip >= 0 and math.isfinite(config.grad_clip),
+            "grad_clip must be a number >= 0 (0: no clipping)",
+        ),
+        (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
+        (config.inference in ROUTES, f"inference must be one of {tuple(ROUTES)}"),
+        (config.svi_steps >= 0, "svi_steps must be >= 0"),
+        (config.iterations >= 1, "iterations must be >= 1"),
+        (
+            config.iterative_start in ITERATIVE_STARTS,
+            f"iterative_start must be one of {ITERATIVE_STARTS}",
+        ),
+        (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
+        (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
+        (
+            config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs),
+            "warmup_epochs must be a number >= 0",
+        ),
+        (config.kl_schedule in KL_SCHEDULES, f"kl_schedule must be one of {KL_SCHEDULES}"),
+        (
+            config.free_bits >= 0 and math.isfinite(config.free_bits),
+            "free_bits must be a number >= 0",
+        ),
+        (
+            config.free_bits_mode in FREE_BITS_MODES,
+            f"free_bits_mode must be one of {FREE_BITS_MODES}",
+        ),
+        (
+            config.free_bits == 0 or config.objective == "elbo",
+            "free_bits needs objective elbo (the IWAE bound has no separate KL term)",
+        ),
+        (
+            config.free_bits == 0 or config.family in CLOSED_FORM_KL,
+            f"free_bits needs a family with a closed-form KL: {CLOSED_FORM_KL}",
+        ),
+        (
+            config.diagnostics_points == 0 or config.diagnostics_points >= 2,
+            "diagnostics_points must be 0 (off) or >= 2",
+        ),
+        (
+            not config.aggressive or config.inference not in ROUTES
+            or ROUTES[config.inference].supports_aggressive,
+            "aggressive training is for inference "
+            + ", ".join(name for name, r in ROUTES.items() if r.supports_aggressive),
+        ),
+        (
+            not config.aggressive or config.diagnostics_points >= 2,
+            "aggressive training needs diagnostics_points >= 2 (it watches I(x; z))",
+        ),
+        (config.patience >= 1, "patience must be >= 1"),
+        (config.valid_samples >= 1, "valid_samples must be >= 1"),
+    ]
+    if config.inference in ROUTES:
+        checks += ROUTES[config.inference].check(config)
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+LR_SCHEDULES = ("constant", "burda", "cosine")
+DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
+AUTOREGRESSIVE = ("pixelcnn", "made")
+ENCODER_KINDS = ("mlp", "conv")
+KL_SCHEDULES = ("linear", "sigmoid")
+FREE_BITS_MODES = ("dimension", "total")
+#: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
+CLOSED_FORM_KL = ("diagonal", "fullcov")
+
+
+def build(
+    config: TrainConfig, data_dim: int, image_shape: tuple[int, ...] | None = None
+) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:
+    """The model, encoder and family a config describes (freshly initialised).
+
+    ``image_shape`` (height, width) is needed by the image networks (pixelcnn and conv).
+    """
+    validate(config)
+    family = FAMILIES[config.family](config.latent_dim)
+    images = [f"the {config.decoder} decoder"] if config.decoder in ("pixelcnn", "conv") else []
+    images += ["the conv encoder"] if config.encoder == "conv" else []
+    if images and (
+        image_shape is None or len(image_shape) != 2 or math.prod(image_shape) != data_dim
+    ):
+        raise ConfigError(
+            f"{' and '.join(images)} needs images of shape (height, width); this data has "
+            f"{data_dim} values per datapoint and image shape {image_shape}"
+        )
+    try:  # a conv stage count that does not divide the image, ...
+        model = LatentVariableModel(_decoder(config, data_dim, image_shape), config.latent_dim)
+        encoder = route_for(config).build_encoder(
+            lambda: _encoder(config, data_dim, image_shape, family), model, family, data_dim
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return model, encoder, family
+
+
+def _decoder(config: TrainConfig, data_dim: int, image_shape) -> nn.Module:
+    if config.decoder in AUTOREGRESSIVE and not config.decoder_uses_z:
+        return WithoutLatent(_decoder(replace(config, decoder_uses_z=True), data_dim, image_shape))
+    if config.decoder == "pixelcnn":
+        return GatedPixelCNNDecoder(
+            config.latent_dim, image_shape, channels=config.pixelcnn_channels,
+            layers=config.pixelcnn_layers, kernel=config.pixelcnn_kernel,
+        )  # fmt: skip
+    if config.decoder == "made":
+        return MADEDecoder(
+            config.latent_dim, data_dim, hidden=config.made_hidden, activation=config.activation
+        )
+    if config.decoder == "conv":
+        return ConvDecoder(
+            config.latent_dim, image_shape, channels=config.conv_channels,
+            likelihood=config.likelihood, activation=config.activation,
+        )  # fmt: skip
+    return DECODERS[config.likelihood](
+        config.latent_dim, data_dim, hidden=config.hidden, activation=config.activation
+    )
+
+
+def _encoder(config: TrainConfig, data_dim: int, image_shape, family) -> nn.Module:
+    if config.encoder == "conv":
+        return ConvEncoder(
+            image_shape, family, channels=config.conv_channels, hidden=config.hidden[-1:],
+            activation=config.activation,
+        )  # fmt: skip
+    return MLPEncoder(data_dim, family, hidden=config.hidden, activation=config.activation)
