@@ -22,7 +22,7 @@ from test_gaps import ShrunkPosteriorEncoder, inference_gap_closed_form
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from amortized import DiagonalGaussian, GapReport, gap_report
-from amortized.measure.gaps import Quantity, difference
+from amortized.measure.report import Quantity, difference
 
 DTYPE = torch.float64
 

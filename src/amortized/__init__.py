@@ -13,7 +13,8 @@ from .inference.iterative import IterativeEncoder
 from .inference.local import LocalFit, fit_local
 from .inference.refine import RefinementPoint, refine, refinement_curve
 from .measure.ais import AISResult, ais, bdmc, reverse_ais
-from .measure.gaps import GapReport, Quantity, difference, gap_report, merge_reports
+from .measure.gaps import gap_report
+from .measure.report import GapReport, Quantity, difference, merge_reports
 from .model import LatentVariableModel
 from .nets.decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from .nets.encoders import MLPEncoder

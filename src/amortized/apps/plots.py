@@ -40,7 +40,7 @@ def plot_gap_bars(
 
     ``gaps[split] = {"approximation": (mean, mc_se, data_se), "amortization": (...)}``:
     each segment carries its sampling error over datapoints (black) and its Monte Carlo
-    error (red, beside it), the two kinds told apart (:class:`amortized.measure.gaps.Quantity`).
+    error (red, beside it), the two kinds told apart (:class:`amortized.measure.report.Quantity`).
     """
     splits = list(gaps)
     pos = np.arange(len(splits))

@@ -23,7 +23,8 @@ from ..config import GapConfig, StudyConfig, to_dict
 from ..data.core import load_dataset
 from ..families import FAMILIES
 from ..inference.refine import METHODS
-from ..measure.gaps import GapReport, difference, gap_report
+from ..measure.gaps import gap_report
+from ..measure.report import GapReport, difference
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
 from .plots import (
     plot_bound_against_cost,

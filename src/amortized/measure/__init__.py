@@ -6,7 +6,8 @@
 """
 
 from .ais import AISResult, ais, bdmc, reverse_ais
-from .gaps import GapReport, Quantity, difference, gap_report, merge_reports
+from .gaps import gap_report
+from .report import GapReport, Quantity, difference, merge_reports
 
 __all__ = ["AISResult", "ais", "bdmc", "reverse_ais", "GapReport", "Quantity", "difference",
            "gap_report", "merge_reports"]  # fmt: skip
