@@ -26,7 +26,7 @@ from ..config import (
     coerce,
     load_config,
 )
-from ..data.core import DataError
+from ..data import DataError
 from ..train.checkpoint import CheckpointError
 
 __all__ = ["main"]
@@ -162,7 +162,7 @@ def _gap(args: argparse.Namespace) -> None:
     import torch
 
     from .. import distributed
-    from ..data.core import load_dataset
+    from ..data import load_dataset
     from ..train import evaluation_subset, load_run, prepare_split
     from .study import measure_gaps
 
@@ -199,7 +199,7 @@ def _collapse(args: argparse.Namespace) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from ..data.core import default_data_dir, download_binarized_mnist
+    from ..data import default_data_dir, download_binarized_mnist
 
     path = download_binarized_mnist(args.data_dir or default_data_dir())
     print(f"binarized MNIST is in {path}")

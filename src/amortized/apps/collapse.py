@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..config import REMEDY_NAMES, CollapseConfig, ConfigError, TrainConfig, save_config, to_dict
-from ..data.core import Dataset, load_dataset
+from ..data import Dataset, load_dataset
 from ..estimators import elbo, iwae_bound
 from ..measure.diagnostics import collapse_warning, latent_diagnostics
 from ..nets.vqvae import VQVAE, CodePrior, codebook_perplexity

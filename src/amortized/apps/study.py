@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed
 from ..config import GapConfig, StudyConfig, to_dict
-from ..data.core import load_dataset
+from ..data import load_dataset
 from ..families import FAMILIES
 from ..inference.refine import METHODS
 from ..measure.gaps import gap_report

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data.core import DataError, Dataset, check_data, fixed_binarization
-from ..data.mapped import MappedRows
+from .core import DataError, Dataset, check_data, fixed_binarization
+from .mapped import MappedRows
 
 __all__ = ["prepare_split", "evaluation_subset"]
 

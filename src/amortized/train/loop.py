@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
 from ..config import ConfigError, TrainConfig, save_config, to_dict
-from ..data.core import Dataset, binarize, load_dataset
+from ..data import Dataset, binarize, load_dataset
 from ..data.splits import evaluation_subset, prepare_split
 from ..estimators import elbo, iwae_bound, kl_to_prior
 from ..families import VariationalFamily
