@@ -35,7 +35,7 @@ BETA2 = BETAS[1]
 #: Adam's step size is lr for the first DECAY_STEPS steps, then falls as 1 / sqrt(k), so
 #: the refinement curve keeps climbing toward L[q*] instead of stalling on the noise floor
 #: of a fixed step; every DECAY_STEPS steps the moments restart where the gradients' scale
-#: has fallen (see amortized.optimiser).
+#: has fallen (see amortized.inference.optimiser).
 DECAY_STEPS = 200
 RESTART_RATIO = 0.1
 
