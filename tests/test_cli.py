@@ -92,7 +92,7 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
         (["train", "--dataset", "two\nlines.npz"], "lines.npz"),
         (["train", "--config", "missing.toml"], "config file not found"),
         (["gap", "no-such-run"], "no trained model in no-such-run"),
-        (["study", "--refine-method", "newton"], "refine_method must be one of"),
+        (["study", "--refine-method", "newton"], "--refine-method must be one of ('adam', 'sgd')"),
     ],
 )
 def test_bad_values_give_one_line_errors(argv, message, tmp_path, capsys, monkeypatch):

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
@@ -28,6 +28,8 @@ __all__ = [
     "StudyConfig",
     "CollapseConfig",
     "ConfigError",
+    "check_choices",
+    "choices",
     "load_config",
     "save_config",
 ]
@@ -35,6 +37,25 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration value or file is malformed."""
+
+
+# The choices of every setting that has a fixed few, declared once: the fields below are
+# typed with them, values are checked against them where they are read (coerce) and
+# where a config is validated (check_choices), and the rest of the code asks
+# choices(cls, name). Settings whose choices are registries that can grow (families,
+# activations, inference routes) are checked against those registries instead.
+Likelihood = Literal["bernoulli", "gaussian"]
+EncoderKind = Literal["mlp", "conv"]
+DecoderKind = Literal["mlp", "conv", "pixelcnn", "made"]
+CollapseDecoder = Literal["made", "pixelcnn"]
+Objective = Literal["elbo", "iwae"]
+IterativeStart = Literal["prior", "encoder"]
+RefineMethod = Literal["adam", "sgd"]
+LrSchedule = Literal["constant", "burda", "cosine"]
+KlSchedule = Literal["linear", "sigmoid"]
+FreeBitsMode = Literal["dimension", "total"]
+LocalInit = Literal["encoder", "prior"]
+Split = Literal["train", "valid", "test"]
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -50,15 +71,15 @@ class TrainConfig:
         metadata=_help("mnist5k, binarized-mnist, or a path to a .npy/.npz file"),
     )
     data_dir: str = field(default="", metadata=_help("directory with dataset files"))
-    likelihood: str = field(default="bernoulli", metadata=_help("bernoulli or gaussian"))
+    likelihood: Likelihood = field(default="bernoulli", metadata=_help("bernoulli or gaussian"))
     latent_dim: int = field(default=50, metadata=_help("dimension of z"))
     hidden: tuple[int, ...] = field(
         default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200")
     )
-    encoder: str = field(
+    encoder: EncoderKind = field(
         default="mlp", metadata=_help("mlp, or conv: stride-2 convolutions over images")
     )
-    decoder: str = field(
+    decoder: DecoderKind = field(
         default="mlp",
         metadata=_help(
             "mlp; conv (transposed convolutions, images); or autoregressive over the pixels "
@@ -83,7 +104,7 @@ class TrainConfig:
     pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN"))
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
     family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
-    objective: str = field(default="elbo", metadata=_help("elbo or iwae"))
+    objective: Objective = field(default="elbo", metadata=_help("elbo or iwae"))
     samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)"))
     inference: str = field(
         default="amortized",
@@ -95,12 +116,12 @@ class TrainConfig:
         ),
     )
     iterations: int = field(default=5, metadata=_help("updates of iterative inference"))
-    iterative_start: str = field(
+    iterative_start: IterativeStart = field(
         default="prior", metadata=_help("lambda_0 of iterative inference: prior or encoder")
     )
     svi_steps: int = field(default=20, metadata=_help("refinement steps of savae/vae+svi/svi"))
     svi_lr: float = field(default=0.02, metadata=_help("step size of those refinement steps"))
-    svi_method: str = field(
+    svi_method: RefineMethod = field(
         default="adam", metadata=_help("adam, or sgd (momentum 0.5, as in Kim et al. 2018)")
     )
     epochs: int = field(default=100, metadata=_help("maximum training epochs"))
@@ -110,7 +131,7 @@ class TrainConfig:
         default=0.0,
         metadata=_help("clip each step's gradient to this total norm (0: no clipping)"),
     )
-    lr_schedule: str = field(
+    lr_schedule: LrSchedule = field(
         default="constant",
         metadata=_help(
             "constant; burda: stage i of 3^i epochs at lr * 10^(-i/7) (Burda et al. 2016); "
@@ -120,14 +141,14 @@ class TrainConfig:
     warmup_epochs: float = field(
         default=10.0, metadata=_help("epochs over which the KL weight rises from 0 to 1")
     )
-    kl_schedule: str = field(
+    kl_schedule: KlSchedule = field(
         default="linear", metadata=_help("shape of that rise: linear or sigmoid")
     )
     free_bits: float = field(
         default=0.0,
         metadata=_help("free bits (Kingma et al. 2016): a KL floor in nats per minibatch; 0: off"),
     )
-    free_bits_mode: str = field(
+    free_bits_mode: FreeBitsMode = field(
         default="dimension",
         metadata=_help("dimension (a floor on each latent dimension's KL) or total"),
     )
@@ -165,7 +186,7 @@ class GapConfig:
     local_steps: int = field(default=2000, metadata=_help("max steps of per-datapoint VI"))
     local_lr: float = field(default=0.02, metadata=_help("Adam step size of per-datapoint VI"))
     local_samples: int = field(default=8, metadata=_help("samples per per-datapoint gradient"))
-    local_init: str = field(default="encoder", metadata=_help("encoder or prior"))
+    local_init: LocalInit = field(default="encoder", metadata=_help("encoder or prior"))
     families: tuple[str, ...] = field(
         default=(), metadata=_help("extra families optimised per datapoint, e.g. fullcov")
     )
@@ -174,10 +195,10 @@ class GapConfig:
         metadata=_help("refinement curve: L[q] after K steps from the encoder, e.g. 0,5,20"),
     )
     refine_lr: float = field(default=0.02, metadata=_help("step size of the refinement"))
-    refine_method: str = field(
+    refine_method: RefineMethod = field(
         default="adam", metadata=_help("adam, or sgd (momentum 0.5, as in Kim et al. 2018)")
     )
-    split: str = field(default="test", metadata=_help("train, valid or test"))
+    split: Split = field(default="test", metadata=_help("train, valid or test"))
     max_points: int = field(
         default=0, metadata=_help("evaluate a fixed random subset of N points (0: all)")
     )
@@ -212,7 +233,7 @@ class CollapseConfig:
         default="binarized-mnist", metadata=_help("a binary (or [0, 1]) image dataset")
     )
     data_dir: str = field(default="", metadata=_help("directory with dataset files"))
-    decoder: str = field(
+    decoder: CollapseDecoder = field(
         default="made", metadata=_help("made (masked MLP) or pixelcnn (gated PixelCNN)")
     )
     made_hidden: tuple[int, ...] = field(
@@ -230,7 +251,7 @@ class CollapseConfig:
         default=10, metadata=_help("epochs of SA-VAE (a step costs about 15 plain steps)")
     )
     lr: float = field(default=7e-3, metadata=_help("Adam learning rate of every VAE"))
-    lr_schedule: str = field(
+    lr_schedule: LrSchedule = field(
         default="cosine", metadata=_help("constant, burda or cosine (see amortized train)")
     )
     train_points: int = field(default=0, metadata=_help("training subset (0: all)"))
@@ -255,9 +276,32 @@ def resolve_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def choices(cls: type, name: str) -> tuple:
+    """The values field ``name`` of config class ``cls`` may take (its Literal type's)."""
+    tp = resolve_types(cls)[name]
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{cls.__name__}.{name} has no fixed choices")
+    return typing.get_args(tp)
+
+
+def check_choices(config: Any, prefix: str = "") -> None:
+    """Raise ConfigError, naming the field, for a value outside its Literal type's choices
+    (for configs built in Python, which no reading of a file or command line checked)."""
+    for f in fields(config):
+        value, tp = getattr(config, f.name), resolve_types(type(config))[f.name]
+        if _is_dataclass_type(tp):
+            check_choices(value, prefix=f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ConfigError(f"{prefix}{f.name} must be one of {typing.get_args(tp)}")
+
+
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert ``value`` (from TOML or the command line) to type ``tp`` or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{name} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
     try:
         if tp is bool:
             if isinstance(value, bool):

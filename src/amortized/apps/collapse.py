@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import REMEDY_NAMES, CollapseConfig, ConfigError, TrainConfig, save_config, to_dict
+from ..config import (
+    REMEDY_NAMES,
+    CollapseConfig,
+    ConfigError,
+    TrainConfig,
+    check_choices,
+    save_config,
+    to_dict,
+)
 from ..data import Dataset, load_dataset
 from ..estimators import elbo, iwae_bound
 from ..measure.diagnostics import collapse_warning, latent_diagnostics
@@ -68,9 +76,9 @@ DECODER_NAMES = {"pixelcnn": "PixelCNN", "made": "MADE"}
 
 def validate(config: CollapseConfig) -> None:
     """Reject settings that cannot work, with one line naming the field."""
+    check_choices(config)  # decoder, lr_schedule (config.py)
     unknown = sorted(set(config.remedies) - set(REMEDIES))
     checks = [
-        (config.decoder in DECODER_NAMES, f"decoder must be one of {tuple(DECODER_NAMES)}"),
         (not unknown, f"remedies: unknown {unknown}; choose from {','.join(REMEDIES)}"),
         (config.remedies or config.vqvae, "remedies is empty and vqvae is off: nothing to run"),
         (config.epochs >= 1 and config.savae_epochs >= 1, "epochs and savae_epochs must be >= 1"),

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..config import GapConfig, StudyConfig, to_dict
+from ..config import GapConfig, StudyConfig, check_choices, to_dict
 from ..data import load_dataset
 from ..families import FAMILIES
-from ..inference.refine import METHODS
 from ..measure.gaps import gap_report
 from ..measure.report import GapReport, difference
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
@@ -43,8 +42,7 @@ def check_gap_config(gap: GapConfig) -> None:
     unknown = [f for f in gap.families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown family {unknown[0]!r}; choose from {sorted(FAMILIES)}")
-    if gap.refine_method not in METHODS:
-        raise ValueError(f"refine_method must be one of {METHODS}, got {gap.refine_method!r}")
+    check_choices(gap)  # refine_method, local_init, split (config.py)
 
 
 def measure_gaps(

@@ -21,11 +21,13 @@ the model, whose ELBO gradients it reads.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..config import IterativeStart
 from ..families import VariationalFamily
 from ..model import LatentVariableModel
 from ..nets.encoders import MLPEncoder, flat_data
@@ -34,7 +36,7 @@ from .optimiser import elbo_and_grad
 
 __all__ = ["IterativeEncoder"]
 
-STARTS = ("prior", "encoder")
+STARTS = typing.get_args(IterativeStart)  # ("prior", "encoder"), declared in config.py
 
 
 class IterativeEncoder(nn.Module):

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import inspect
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..config import RefineMethod
 from ..estimators import elbo
 from ..families import VariationalFamily
 from ..model import LatentVariableModel
@@ -95,7 +97,7 @@ def refine(
     return out
 
 
-METHODS = ("adam", "sgd")
+METHODS = typing.get_args(RefineMethod)  # ("adam", "sgd"), declared in config.py
 
 
 def _default_momentum(method: str, momentum: float | None) -> float:

@@ -12,10 +12,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, check_choices, choices
 from ..families import FAMILIES, VariationalFamily
-from ..inference.iterative import STARTS as ITERATIVE_STARTS
-from ..inference.refine import METHODS
 from ..inference.routes import ROUTES, route_for
 from ..model import LatentVariableModel
 from ..nets.autoregressive import MADEDecoder, WithoutLatent
@@ -28,14 +26,13 @@ from ..nets.pixelcnn import GatedPixelCNNDecoder
 __all__ = ["validate", "build", "OBJECTIVES", "LR_SCHEDULES", "KL_SCHEDULES", "FREE_BITS_MODES",
            "DECODER_KINDS", "ENCODER_KINDS", "AUTOREGRESSIVE", "CLOSED_FORM_KL"]  # fmt: skip
 
-OBJECTIVES = ("elbo", "iwae")
+OBJECTIVES = choices(TrainConfig, "objective")
 
 
 def validate(config: TrainConfig) -> None:
     """Reject settings that cannot work, with one line naming the field."""
+    check_choices(config)  # every setting with a fixed few choices (config.py)
     checks = [
-        (config.likelihood in DECODERS, f"likelihood must be one of {sorted(DECODERS)}"),
-        (config.decoder in DECODER_KINDS, f"decoder must be one of {DECODER_KINDS}"),
         (
             config.decoder in ("mlp", "conv") or config.likelihood == "bernoulli",
             f"the {config.decoder} decoder models binary data: likelihood must be bernoulli",
@@ -56,14 +53,12 @@ def validate(config: TrainConfig) -> None:
             config.pixelcnn_kernel >= 3 and config.pixelcnn_kernel % 2 == 1,
             "pixelcnn_kernel must be odd and >= 3",
         ),
-        (config.encoder in ENCODER_KINDS, f"encoder must be one of {ENCODER_KINDS}"),
         (
             len(config.conv_channels) >= 1 and all(c >= 1 for c in config.conv_channels),
             "conv_channels needs at least one stage, each >= 1",
         ),
         (config.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}"),
         (config.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
-        (config.objective in OBJECTIVES, f"objective must be one of {list(OBJECTIVES)}"),
         (config.latent_dim >= 1, "latent_dim must be >= 1"),
         (all(h >= 1 for h in config.hidden), "hidden sizes must be >= 1"),
         (config.samples >= 1, "samples must be >= 1"),
@@ -74,28 +69,17 @@ def validate(config: TrainConfig) -> None:
             config.grad_clip >= 0 and math.isfinite(config.grad_clip),
             "grad_clip must be a number >= 0 (0: no clipping)",
         ),
-        (config.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
         (config.inference in ROUTES, f"inference must be one of {tuple(ROUTES)}"),
         (config.svi_steps >= 0, "svi_steps must be >= 0"),
         (config.iterations >= 1, "iterations must be >= 1"),
-        (
-            config.iterative_start in ITERATIVE_STARTS,
-            f"iterative_start must be one of {ITERATIVE_STARTS}",
-        ),
         (config.svi_lr > 0 and math.isfinite(config.svi_lr), "svi_lr must be a positive number"),
-        (config.svi_method in METHODS, f"svi_method must be one of {METHODS}"),
         (
             config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs),
             "warmup_epochs must be a number >= 0",
         ),
-        (config.kl_schedule in KL_SCHEDULES, f"kl_schedule must be one of {KL_SCHEDULES}"),
         (
             config.free_bits >= 0 and math.isfinite(config.free_bits),
             "free_bits must be a number >= 0",
-        ),
-        (
-            config.free_bits_mode in FREE_BITS_MODES,
-            f"free_bits_mode must be one of {FREE_BITS_MODES}",
         ),
         (
             config.free_bits == 0 or config.objective == "elbo",
@@ -129,12 +113,12 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(message)
 
 
-LR_SCHEDULES = ("constant", "burda", "cosine")
-DECODER_KINDS = ("mlp", "conv", "pixelcnn", "made")
+LR_SCHEDULES = choices(TrainConfig, "lr_schedule")
+DECODER_KINDS = choices(TrainConfig, "decoder")
 AUTOREGRESSIVE = ("pixelcnn", "made")
-ENCODER_KINDS = ("mlp", "conv")
-KL_SCHEDULES = ("linear", "sigmoid")
-FREE_BITS_MODES = ("dimension", "total")
+ENCODER_KINDS = choices(TrainConfig, "encoder")
+KL_SCHEDULES = choices(TrainConfig, "kl_schedule")
+FREE_BITS_MODES = choices(TrainConfig, "free_bits_mode")
 #: Families whose KL to the prior (and its per-dimension parts) is exact and differentiable.
 CLOSED_FORM_KL = ("diagonal", "fullcov")
 
