@@ -63,7 +63,7 @@ def test_the_report_s_log_px_matches_the_exact_value_and_bounds_stay_below(setup
     # Gaussian q* leave heavy-tailed weights here: IWAE's rows are flagged, and AIS's 16
     # chains are too few to judge, which the report says
     assert report.log_px_weights["iwae"]["above"] > 0 and report.tail_warnings()
-    assert "ais: 16 weights per row, too few to judge their tail" in report.convergence()
+    assert "ais: 16 chains per row, too few to judge their weights' tail" in report.convergence()
     # the posteriors are not Gaussian: even the full-covariance family has a gap
     assert report.approximation_gap["fullcov"].mean > 0.05
     assert report.approximation_gap["diagonal"].mean > report.approximation_gap["fullcov"].mean

@@ -220,16 +220,17 @@ class GapReport:
             for name, stats in self.local_fit.items()
         ]
         for name, stats in self.log_px_weights.items():
+            what = {"iwae": "draws", "ais": "chains"}.get(name, "weights")
             if "median" in stats:
                 tail = (f"Pareto k-hat of the weights median {stats['median']:.2f}, largest "
                         f"{stats['max']:.2f}, {stats['above']:.0f} of {self.n} rows above "
                         f"{stats['threshold']:.2f}")  # fmt: skip
             else:
-                tail = (f"{self.settings['samples'][name]} weights per row, too few to judge "
-                        "their tail (k-hat needs 25); its stated error assumes a light one")
+                tail = (f"{self.settings['samples'][name]} {what} per row, too few to judge "
+                        "their weights' tail (k-hat needs 25); its error assumes a light one")
             gain = ""
             if "remaining" in stats:
-                gain = (f"; more weights would gain about {stats['remaining']:.4f} ± "
+                gain = (f"; more {what} would gain about {stats['remaining']:.4f} ± "
                         f"{stats['remaining_se']:.4f} nats per datapoint")
             lines.append(f"log p(x) by {name}: {tail}{gain}")
         return "\n".join(lines)
