@@ -81,6 +81,13 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     assert list(sgd["refinement"]) == ["0", "3"]
     assert sgd["settings"]["refine_kwargs"]["method"] == "sgd"
 
+    # an output that cannot be written is refused before the report is computed
+    capsys.readouterr()
+    assert main(["gap", str(run), "--output", str(tmp_path / "no-such-dir" / "x.json"),
+                 "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no-such-dir does not exist") and len(err.splitlines()) == 1
+
 
 @pytest.mark.parametrize(
     "argv, message",
@@ -93,6 +100,12 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
         (["train", "--config", "missing.toml"], "config file not found"),
         (["gap", "no-such-run"], "no trained model in no-such-run"),
         (["study", "--refine-method", "newton"], "--refine-method must be one of ('adam', 'sgd')"),
+        (["train", "--device", "tpu"], "device must be cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["gap", "no-such-run", "--output", "/no-such-dir/x.json"], "no trained model in"),
+        (["gap", "no-such-run", "--local-lr", "-1"], "local_lr must be a positive number"),
+        (["gap", "no-such-run", "--local-lr", "nan"], "local_lr must be a positive number"),
+        (["gap", "no-such-run", "--iwae-k", "1"], "iwae_k must be >= 2"),
+        (["gap", "no-such-run", "--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
     ],
 )
 def test_bad_values_give_one_line_errors(argv, message, tmp_path, capsys, monkeypatch):

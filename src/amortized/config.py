@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import tomli_w
 
+from .files import write_atomic
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -372,7 +374,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(tomli_w.dumps(to_dict(config)))
+    """Write the config as TOML, atomically (:func:`amortized.files.write_atomic`)."""
+    write_atomic(path, tomli_w.dumps(to_dict(config)))
 
 
 def load_config(cls: type, path: str | Path) -> Any:

@@ -163,23 +163,27 @@ def _gap(args: argparse.Namespace) -> None:
 
     from .. import distributed
     from ..data import load_dataset
+    from ..files import check_writable
     from ..train import evaluation_subset, load_run, prepare_split
-    from .study import measure_gaps
+    from ..train.factory import parse_device
+    from .study import check_gap_config, measure_gaps
 
     config = load_config(GapConfig, args.config) if args.config else GapConfig()
     config = _apply(config, args)
-    world = distributed.init(torch.device(args.device).type)  # torchrun: share the blocks
-    device = args.device
+    check_gap_config(config)
+    device = parse_device(args.device)
+    world = distributed.init(torch.device(device).type)  # torchrun: share the blocks
     if device.startswith("cuda") and world.size > 1:
         device = f"cuda:{world.local_rank}"
     trained = load_run(args.run_dir, device=device)
+    output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
+    check_writable(output, "--output" if args.output else "the report")  # before the work
     dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
     x = prepare_split(dataset, config.split, trained.config.likelihood)
     x = evaluation_subset(x, config.max_points)
     report = measure_gaps(trained, x.to(device), config, args.progress and world.main, world)
     distributed.finish(world)
     if world.main:
-        output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
         report.to_json(output)
         print(report.table())
         print(report.convergence())

@@ -44,6 +44,7 @@ from ..config import (
 )
 from ..data import Dataset, load_dataset
 from ..estimators import elbo, iwae_bound
+from ..files import write_atomic
 from ..measure.diagnostics import collapse_warning, latent_diagnostics
 from ..nets.vqvae import VQVAE, CodePrior, codebook_perplexity
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
@@ -231,8 +232,8 @@ def run_collapse_study(
         "rows": rows,
         "seconds": time.perf_counter() - start,
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "report.md").write_text(_report(config, data.name, results))
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    write_atomic(run_dir / "report.md", _report(config, data.name, results))
     return results
 
 

@@ -6,6 +6,7 @@ the figures can be remade from ``results.json`` without the models.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed or used
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ..files import write_atomic  # noqa: E402
 
 __all__ = [
     "plot_gap_bars",
@@ -28,7 +31,9 @@ def _save(fig, path: str | Path, tight: bool = True) -> Path:
     path = Path(path)
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()  # rendered in memory, then written atomically
+    fig.savefig(buffer, dpi=120, format="png")
+    write_atomic(path, buffer.getvalue())
     plt.close(fig)
     return path
 

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..config import GapConfig, StudyConfig, check_choices, to_dict
+from ..config import ConfigError, GapConfig, StudyConfig, check_choices, to_dict
 from ..data import load_dataset
 from ..families import FAMILIES
+from ..files import write_atomic
 from ..measure.gaps import gap_report
 from ..measure.report import GapReport, difference
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
@@ -43,6 +44,23 @@ def check_gap_config(gap: GapConfig) -> None:
     if unknown:
         raise ValueError(f"unknown family {unknown[0]!r}; choose from {sorted(FAMILIES)}")
     check_choices(gap)  # refine_method, local_init, split (config.py)
+    positive = lambda v: v > 0 and math.isfinite(v)  # noqa: E731
+    checks = [
+        (gap.iwae_k >= 2, "iwae_k must be >= 2 (its error needs two draws)"),
+        (gap.elbo_samples >= 2, "elbo_samples must be >= 2 (its error needs two draws)"),
+        (gap.ais_steps >= 0, "ais_steps must be >= 0 (0: no AIS)"),
+        (gap.ais_chains >= 1, "ais_chains must be >= 1"),
+        (gap.local_steps >= 0, "local_steps must be >= 0"),
+        (positive(gap.local_lr), f"local_lr must be a positive number, got {gap.local_lr}"),
+        (gap.local_samples >= 1, "local_samples must be >= 1"),
+        (all(k >= 0 for k in gap.refine_steps), "refine_steps must be >= 0"),
+        (positive(gap.refine_lr), f"refine_lr must be a positive number, got {gap.refine_lr}"),
+        (gap.max_points >= 0, "max_points must be >= 0 (0: all)"),
+        (gap.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def measure_gaps(
@@ -128,8 +146,8 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
         "machine": _machine(device),
         "seconds": time.perf_counter() - started,
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "report.md").write_text(_report(config, results, reports))
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    write_atomic(run_dir / "report.md", _report(config, results, reports))
     return results
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..files import write_atomic
 from ..weights import khat_threshold
 
 __all__ = ["GapReport", "Quantity", "difference", "merge_reports"]
@@ -99,7 +100,7 @@ class GapReport:
     def to_json(self, path: str | Path | None = None, per_datapoint: bool = True) -> str:
         text = json.dumps(self.to_dict(per_datapoint), indent=2)
         if path is not None:
-            Path(path).write_text(text)
+            write_atomic(path, text)
         return text
 
     @classmethod

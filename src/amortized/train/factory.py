@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig, check_choices, choices
@@ -23,15 +24,27 @@ from ..nets.encoders import MLPEncoder
 from ..nets.layers import ACTIVATIONS
 from ..nets.pixelcnn import GatedPixelCNNDecoder
 
-__all__ = ["validate", "build", "OBJECTIVES", "LR_SCHEDULES", "KL_SCHEDULES", "FREE_BITS_MODES",
-           "DECODER_KINDS", "ENCODER_KINDS", "AUTOREGRESSIVE", "CLOSED_FORM_KL"]  # fmt: skip
+__all__ = ["validate", "build", "parse_device", "OBJECTIVES", "LR_SCHEDULES", "KL_SCHEDULES",
+           "FREE_BITS_MODES", "DECODER_KINDS", "ENCODER_KINDS", "AUTOREGRESSIVE",
+           "CLOSED_FORM_KL"]  # fmt: skip
 
 OBJECTIVES = choices(TrainConfig, "objective")
+
+
+def parse_device(device: str) -> str:
+    """``device`` if torch names a device by it (cpu, cuda, cuda:1, mps, ...), else a
+    ConfigError naming the setting."""
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    return device
 
 
 def validate(config: TrainConfig) -> None:
     """Reject settings that cannot work, with one line naming the field."""
     check_choices(config)  # every setting with a fixed few choices (config.py)
+    parse_device(config.device)
     checks = [
         (
             config.decoder in ("mlp", "conv") or config.likelihood == "bernoulli",

@@ -1,0 +1,46 @@
+"""Outputs written atomically: a file is either its old complete self or its new one.
+
+Every report, table, figure and config the project writes goes through
+:func:`write_atomic`: the bytes go to a temporary file in the same directory, are flushed
+to disk, and the temporary file is renamed over the target (``os.replace`` is atomic on
+POSIX and Windows). A kill or a full disk midway leaves the previous file untouched and
+no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomic", "check_writable"]
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """Raise ValueError, naming the path, if a file cannot be written there: checked
+    before long work starts, so that a report is never computed only to be lost."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: directory {parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {path}: directory {parent} is not writable")
