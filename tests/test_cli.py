@@ -173,3 +173,12 @@ def test_warnings_are_shown_as_one_line_each_and_the_usual_display_comes_back(ca
         "amortized: warning: epoch 1: latent code collapsing: KL 0.001 nats per datapoint\n"
     )
     assert warnings.showwarning is usual
+
+
+def test_diverged_training_exits_non_zero_with_one_line(tiny_npz, tmp_path, capsys):
+    code = main(["train", "--dataset", str(tiny_npz), "--run-dir", str(tmp_path / "run"),
+                 "--lr", "1e308", *TINY])  # fmt: skip
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert len(err) == 1 and "training diverged in epoch 1" in err[0], err
+    assert not (tmp_path / "run" / "model.pt").exists()

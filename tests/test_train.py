@@ -660,3 +660,24 @@ def test_a_clip_that_never_binds_changes_nothing_and_one_that_binds_changes_the_
     assert loss != [m["train_loss"] for m in _metrics(tmp_path / "free")]
     with pytest.raises(ConfigError, match="grad_clip"):
         train(TrainConfig(**TINY, grad_clip=-1.0), tmp_path / "bad", dataset=tiny_data)
+
+
+@pytest.mark.parametrize("lr", [1.0, 1e308])
+def test_diverged_training_stops_with_a_clear_error_and_saves_nothing_of_it(
+    tiny_data, tmp_path, lr
+):
+    from amortized.train import TrainingDiverged
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each skipped step warns
+        with pytest.raises(TrainingDiverged, match=r"training diverged in epoch (\d)") as err:
+            train(TrainConfig(**{**TINY, "lr": lr}), tmp_path, dataset=tiny_data)
+    epoch = int(err.value.args[0].split("epoch ")[1].split(":")[0])
+    assert not (tmp_path / "model.pt").exists()  # no "trained model"
+    assert len(read_metrics(tmp_path)) == epoch - 1  # the epochs before it, not it
+    if epoch > 1:  # what was saved is the last finite epoch
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert state["epoch"] == epoch - 1
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    else:
+        assert not (tmp_path / "checkpoint.pt").exists()

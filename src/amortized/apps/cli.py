@@ -28,6 +28,7 @@ from ..config import (
 )
 from ..data import DataError
 from ..train.checkpoint import CheckpointError
+from ..train.loop import TrainingDiverged
 
 __all__ = ["main"]
 
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _plain_warnings():
             commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as err:
         message = " ".join(str(err).split("\n"))  # one line, whatever the error quotes
         print(f"amortized {args.command}: error: {message}", file=sys.stderr)
         return 2

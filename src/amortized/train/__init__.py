@@ -11,10 +11,10 @@
 from ..data.splits import evaluation_subset, prepare_split
 from .factory import build, validate
 from .fit import read_metrics
-from .loop import CHECKPOINT_FORMAT, evaluate_elbo, train, training_bounds
+from .loop import CHECKPOINT_FORMAT, TrainingDiverged, evaluate_elbo, train, training_bounds
 from .run import Trained, load_run
 from .schedules import kl_weight, learning_rate
 
-__all__ = ["CHECKPOINT_FORMAT", "Trained", "build", "evaluate_elbo", "evaluation_subset",
-           "kl_weight", "learning_rate", "load_run", "prepare_split", "read_metrics", "train",
-           "training_bounds", "validate"]  # fmt: skip
+__all__ = ["CHECKPOINT_FORMAT", "Trained", "TrainingDiverged", "build", "evaluate_elbo",
+           "evaluation_subset", "kl_weight", "learning_rate", "load_run", "prepare_split",
+           "read_metrics", "train", "training_bounds", "validate"]  # fmt: skip

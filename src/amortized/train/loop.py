@@ -42,7 +42,11 @@ from .fit import fit_epochs
 from .run import Trained, _completed, _identity
 from .schedules import kl_weight, learning_rate
 
-__all__ = ["train", "training_bounds", "evaluate_elbo", "CHECKPOINT_FORMAT"]
+__all__ = ["train", "training_bounds", "evaluate_elbo", "CHECKPOINT_FORMAT", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Training left the finite numbers: most steps of an epoch failed, or weights did."""
 
 CHECKPOINT_FORMAT = "amortized-train-v1"
 
@@ -288,7 +292,7 @@ class _VAEEpochs:
             group["lr"] = learning_rate(config, self.epoch)
         model.train()
         encoder.train()
-        total_loss, seen, skipped, encoder_steps = 0.0, 0, 0, 0
+        total_loss, seen, skipped, encoder_steps, taken = 0.0, 0, 0, 0, 0
         if world.size > 1:  # each process its own noise, reproducible from (seed, epoch, rank)
             torch.manual_seed(config.seed + 7919 * self.epoch + 104729 * world.rank)
             self.binarize_rng.manual_seed(config.seed + 1 + 7919 * self.epoch + 104729 * world.rank)
@@ -303,6 +307,7 @@ class _VAEEpochs:
                     config, model, encoder, self.family, self.optimizer, self._draw, beta
                 )
             self.step += 1
+            taken += 1
             loss = self._step(xb, beta)
             if loss is None:
                 skipped += 1
@@ -311,6 +316,7 @@ class _VAEEpochs:
             seen += xb.shape[0]
         model.eval()
         encoder.eval()
+        self._check_diverged(skipped, taken)
         valid = _validation_elbo(model, encoder, self.family, self.valid_x, config, world)
         if world.size > 1:
             total_loss = distributed.all_sum(total_loss, world)
@@ -342,6 +348,20 @@ class _VAEEpochs:
                 self.aggressive = False  # I(x; z) stopped rising: a plain VAE from here
             self.last_mi = record["mutual_information"]
         return record
+
+    def _check_diverged(self, skipped: int, taken: int) -> None:
+        """Stop, before this epoch is saved, where most steps failed or a weight is no
+        longer finite: a diverged run must not end as if it had trained."""
+        params = [*self.model.parameters(), *self.encoder.parameters()]
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        if finite and 2 * skipped <= taken:
+            return
+        what = (f"{skipped} of {taken} steps had a non-finite loss or gradient"
+                if finite else "weights became non-finite")  # fmt: skip
+        raise TrainingDiverged(
+            f"training diverged in epoch {self.epoch + 1}: {what}; nothing of this epoch was "
+            f"saved. Lower --lr (now {self.config.lr:g}) or set --grad-clip"
+        )
 
     def _step(self, xb: Tensor, beta: float) -> float | None:
         """One optimiser step on the route's bounds; the loss, or None where it or its
