@@ -177,7 +177,8 @@ def test_warnings_are_shown_as_one_line_each_and_the_usual_display_comes_back(ca
 
 def test_diverged_training_exits_non_zero_with_one_line(tiny_npz, tmp_path, capsys):
     code = main(["train", "--dataset", str(tiny_npz), "--run-dir", str(tmp_path / "run"),
-                 "--lr", "1e308", *TINY])  # fmt: skip
+                 "--lr", "1e308", "--latent-dim", "2", "--hidden", "16", "--epochs", "2",
+                 "--no-progress"])  # fmt: skip
     assert code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
     assert len(err) == 1 and "training diverged in epoch 1" in err[0], err
