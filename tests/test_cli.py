@@ -183,3 +183,13 @@ def test_diverged_training_exits_non_zero_with_one_line(tiny_npz, tmp_path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
     assert len(err) == 1 and "training diverged in epoch 1" in err[0], err
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_an_os_error_is_one_line_naming_the_path(tiny_npz, tmp_path, capsys):
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    code = main(["train", "--dataset", str(tiny_npz), "--run-dir", str(not_a_dir),
+                 "--epochs", "1", "--no-progress"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"amortized train: error: {not_a_dir}: File exists"

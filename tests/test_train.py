@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -681,3 +682,28 @@ def test_diverged_training_stops_with_a_clear_error_and_saves_nothing_of_it(
         assert all(torch.isfinite(v).all() for v in state["model"].values())
     else:
         assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_busy_run_directory_is_refused_naming_its_holder(tiny_data, tmp_path):
+    from amortized.files import DirectoryBusy, lock_directory
+
+    config = TrainConfig(**{**TINY, "epochs": 1})
+    with lock_directory(tmp_path):  # another run holds it
+        with pytest.raises(DirectoryBusy, match=rf"in use by process {os.getpid()} on "):
+            train(config, tmp_path, dataset=tiny_data)
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing was written meanwhile
+    train(config, tmp_path, dataset=tiny_data)  # released: the run goes ahead
+    assert len(read_metrics(tmp_path)) == 1
+
+
+def test_a_finished_run_without_its_checkpoint_is_never_replaced(tiny_data, tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 1})
+    train(config, tmp_path, dataset=tiny_data)
+    (tmp_path / "checkpoint.pt").unlink()
+    weights = (tmp_path / "model.pt").read_bytes()
+    with pytest.raises(ConfigError, match="holds another run, and its checkpoint.pt is missing"):
+        train(replace(config, lr=0.01), tmp_path, dataset=tiny_data)
+    assert (tmp_path / "model.pt").read_bytes() == weights
+    assert len(read_metrics(tmp_path)) == 1
+    train(config, tmp_path, dataset=tiny_data)  # the same run again: allowed, and the same
+    assert _weights(tmp_path).keys() and len(read_metrics(tmp_path)) == 1

@@ -9,11 +9,23 @@ no temporary file behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["write_atomic", "check_writable"]
+try:  # advisory locks; where the platform has none, directories go unlocked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["write_atomic", "check_writable", "lock_directory", "DirectoryBusy"]
+
+
+class DirectoryBusy(RuntimeError):
+    """Another process holds the directory (its lock names the process and host)."""
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -44,3 +56,34 @@ def check_writable(path: str | Path, what: str = "output") -> None:
         raise ValueError(f"{what} {path} is a directory")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{what} {path}: directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory/.lock`` for the duration, or raise :class:`DirectoryBusy` naming
+    the process that holds it: two runs writing one directory would interleave their
+    metrics and overwrite each other's weights. The lock is the operating system's
+    (``flock``), so a killed holder releases it at once."""
+    path = Path(directory) / ".lock"
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            raise DirectoryBusy(
+                f"{directory} is in use by {holder}; wait for it to finish or choose "
+                "another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -27,6 +27,7 @@ from ..config import (
     load_config,
 )
 from ..data import DataError
+from ..files import DirectoryBusy
 from ..train.checkpoint import CheckpointError
 from ..train.loop import TrainingDiverged
 
@@ -238,9 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _plain_warnings():
             commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, DirectoryBusy,
+            ValueError) as err:  # fmt: skip
         message = " ".join(str(err).split("\n"))  # one line, whatever the error quotes
         print(f"amortized {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written: name it and the cause
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"amortized {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,6 +17,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -32,6 +33,7 @@ from ..data import Dataset, binarize, load_dataset
 from ..data.splits import evaluation_subset, prepare_split
 from ..estimators import elbo, iwae_bound, kl_to_prior
 from ..families import VariationalFamily
+from ..files import lock_directory
 from ..inference.routes import ROUTES, Amortized, route_for
 from ..measure.diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from ..model import LatentVariableModel
@@ -420,7 +422,28 @@ def train(
     world = distributed.init(torch.device(config.device).type)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_directory(run_dir) if world.main else contextlib.nullcontext():
+        return _train_in(config, route, world, run_dir, dataset)
+
+
+def _holds_another_run(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether run_dir holds the results of a run other than this config's."""
+    model = run_dir / "model.pt"
+    if model.exists():  # a finished run: ours only if its config is
+        saved = load_checkpoint(model)["config"]
+        return _identity(_completed(saved)) != _identity(to_dict(config))
+    return (run_dir / "metrics.jsonl").exists()  # epochs logged, and nothing to resume them
+
+
+def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset | None
+              ) -> Trained:  # fmt: skip
+    """:func:`train` in a run directory this process holds."""
     ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.exists() and _holds_another_run(run_dir, config):
+        raise ConfigError(
+            f"{run_dir} holds another run, and its checkpoint.pt is missing; training there "
+            "would replace it. Choose another --run-dir, or delete the directory to start afresh"
+        )
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if state is not None and _identity(_completed(state["config"])) != _identity(to_dict(config)):
         raise ConfigError(
