@@ -26,6 +26,10 @@ from ..weights import khat_threshold
 
 __all__ = ["GapReport", "Quantity", "difference", "merge_reports"]
 
+#: Per estimate of log p(x): what its weights are, and what to raise for more of them.
+_WEIGHTS_OF = {"iwae": ("draws", "raise iwae_k or estimate by AIS (ais_steps)"),
+               "ais": ("chains", "raise ais_chains or ais_steps")}  # fmt: skip
+
 
 
 @dataclass
@@ -184,11 +188,9 @@ class GapReport:
         """One line per estimate of log p(x) that may be off by more than its stated error:
         rows whose importance weights are too heavy-tailed (Pareto k-hat above its
         threshold) to trust, or more weights that would still raise it."""
-        more = {"iwae": ("draws", "raise iwae_k or estimate by AIS (ais_steps)"),
-                "ais": ("chains", "raise ais_chains or ais_steps")}  # fmt: skip
         out = []
         for name, stats in self.log_px_weights.items():
-            what, advice = more.get(name, ("weights", "draw more"))
+            what, advice = _WEIGHTS_OF.get(name, ("weights", "draw more"))
             if stats.get("above", 0) > 0:
                 out.append(
                     f"log p(x) by {name}: {stats['above']:.0f} of {self.n} rows have importance "
@@ -221,7 +223,7 @@ class GapReport:
             for name, stats in self.local_fit.items()
         ]
         for name, stats in self.log_px_weights.items():
-            what = {"iwae": "draws", "ais": "chains"}.get(name, "weights")
+            what = _WEIGHTS_OF.get(name, ("weights",))[0]
             if "median" in stats:
                 tail = (f"Pareto k-hat of the weights median {stats['median']:.2f}, largest "
                         f"{stats['max']:.2f}, {stats['above']:.0f} of {self.n} rows above "
