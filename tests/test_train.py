@@ -434,9 +434,9 @@ def test_non_finite_losses_and_gradients_are_skipped_with_a_warning(
 
     real, calls = train_module.training_bounds, {"n": 0}
 
-    def sabotaged(config, model, encoder, family, x, beta=1.0):
+    def sabotaged(config, model, encoder, family, x, beta=1.0, route=None):
         calls["n"] += 1
-        value, _ = real(config, model, encoder, family, x, beta)
+        value, _ = real(config, model, encoder, family, x, beta, route=route)
         if calls["n"] == 2:  # finite loss, NaN gradient: d sqrt(u)/du at u = 0 times 0
             u = sum(p.sum() for p in model.parameters()) * 0
             value = value + torch.sqrt(u)

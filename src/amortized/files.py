@@ -15,34 +15,52 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 try:  # advisory locks; where the platform has none, directories go unlocked
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["write_atomic", "check_writable", "lock_directory", "DirectoryBusy"]
+__all__ = ["atomic_file", "write_atomic", "check_writable", "lock_directory", "DirectoryBusy"]
 
 
 class DirectoryBusy(RuntimeError):
     """Another process holds the directory (its lock names the process and host)."""
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` only once the block ends without an error:
+    written to a temporary file in the same directory, flushed to disk, renamed over
+    ``path`` and the rename itself made durable. On any error (a kill, a full disk) the
+    previous ``path`` is left as it was and the temporary file is removed."""
     path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def check_writable(path: str | Path, what: str = "output") -> None:

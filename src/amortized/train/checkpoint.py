@@ -13,12 +13,12 @@ damage falls inside tensor data, which the file format itself would load without
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..files import atomic_file
 
 __all__ = ["CheckpointError", "save_atomic", "load_checkpoint"]
 
@@ -60,24 +60,8 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     with the digest of its contents."""
     path = Path(path)
     obj = {**obj, DIGEST_KEY: digest({k: v for k, v in obj.items() if k != DIGEST_KEY})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

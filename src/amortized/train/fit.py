@@ -12,7 +12,6 @@ the trainer's state holds every random stream it draws from.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..files import write_atomic
 from ..nets.layers import adam
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 
@@ -57,16 +57,20 @@ def fit_epochs(
     write: bool = True,
     progress: bool = False,
     total: int | None = None,
+    state: dict[str, Any] | None = None,
 ) -> None:
     """Run ``trainer``'s epochs in ``run_dir``, resuming from its checkpoint if present.
 
     ``write=False`` (every process of a distributed run but the first) reads the
     checkpoint but writes nothing. ``total`` epochs, if given, sizes the progress bar.
+    ``state``: the checkpoint, where the caller has read it already (to check it before
+    anything is written), so that it is not read twice.
     """
     run_dir = Path(run_dir)
     checkpoint, metrics = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
-    if checkpoint.exists():
+    if state is None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
+    if state is not None:
         if state.get("format") != checkpoint_format:
             raise CheckpointError(
                 f"{checkpoint} was written by another trainer ({state.get('format')})"
@@ -99,9 +103,7 @@ def _truncate(path: Path, epochs: int) -> None:
         return
     lines = path.read_text().splitlines(keepends=True)
     if len(lines) > epochs:  # rewrite atomically: a kill here must not lose earlier lines
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(lines[:epochs]))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(lines[:epochs]))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -34,7 +34,7 @@ from ..data.splits import evaluation_subset, prepare_split
 from ..estimators import elbo, iwae_bound, kl_to_prior
 from ..families import VariationalFamily
 from ..files import lock_directory
-from ..inference.routes import ROUTES, Amortized, route_for
+from ..inference.routes import ROUTES, Amortized, Route, route_for
 from ..measure.diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
 from ..model import LatentVariableModel
 from ..nets.layers import adam
@@ -90,17 +90,19 @@ def training_bounds(
     family: VariationalFamily,
     x: Tensor,
     beta: float = 1.0,
+    route: Route | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The bounds, ``(batch,)`` each, whose gradients train the model and the encoder, as
     the config's route (:mod:`amortized.inference.routes`) makes them from the config's objective.
 
     The same tensor is returned twice where model and encoder share the objective.
+    ``route``, if given, is the config's route already made (the loop makes it once).
     """
 
     def bound(lam: Tensor) -> Tensor:
         return _objective(config, model, family, lam, x, beta)
 
-    return route_for(config).bounds(model, encoder, family, x, bound, beta)
+    return (route or route_for(config)).bounds(model, encoder, family, x, bound, beta)
 
 
 def evaluate_elbo(
@@ -153,12 +155,14 @@ class _Bounds(nn.Module):
     """:func:`training_bounds` as a module over the model and the encoder, so that
     DistributedDataParallel can wrap it and average their gradients."""
 
-    def __init__(self, config: TrainConfig, model, encoder, family):
+    def __init__(self, config: TrainConfig, model, encoder, family, route: Route):
         super().__init__()
         self.config, self.model, self.encoder, self.family = config, model, encoder, family
+        self.route = route
 
     def forward(self, x: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
-        return training_bounds(self.config, self.model, self.encoder, self.family, x, beta)
+        return training_bounds(self.config, self.model, self.encoder, self.family, x, beta,
+                               route=self.route)  # fmt: skip
 
 
 def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, world) -> float:
@@ -226,7 +230,7 @@ class _VAEEpochs:
         self.train_x, self.valid_x, self.dynamic = train_x, valid_x, dynamic
         self.diagnostics_x = diagnostics_x  # where the latent code's use is checked
         self.optimizer = adam([*model.parameters(), *encoder.parameters()], config.lr)
-        self.bounds: nn.Module = _Bounds(config, model, encoder, family)
+        self.bounds: nn.Module = _Bounds(config, model, encoder, family, route)
         if world.size > 1:  # averages the gradients of every backward pass across processes
             ids = [device.index] if device.type == "cuda" else None
             self.bounds = DistributedDataParallel(self.bounds, device_ids=ids)
@@ -475,7 +479,8 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
     run = _VAEEpochs(config, model, encoder, family, route, world, device, train_x, valid_x,
                      dynamic, diagnostics_x)  # fmt: skip
     fit_epochs(run, run_dir, checkpoint_format=CHECKPOINT_FORMAT, write=world.main,
-               progress=config.progress and world.main, total=config.epochs)  # fmt: skip
+               progress=config.progress and world.main, total=config.epochs,
+               state=state)  # fmt: skip
     model, encoder, best_state = run.model, run.encoder, run.best_state
     epoch, best = run.epoch, run.best
     distributed.assert_in_sync([model, encoder], world)
