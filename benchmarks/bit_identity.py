@@ -58,6 +58,31 @@ def _strip(value):
     return value
 
 
+def _flat(per: dict) -> dict:
+    """A report's per-datapoint arrays under the flat names every version can write:
+    ``elbo_local/<family>``, ``log_px_<estimate>`` and so on, each with its ``_se`` (and,
+    for log p(x), ``_khat`` and ``_remaining``); the nested form is flattened."""
+    if "elbo_amortized_se" in per or not per:
+        return per
+    out = {}
+
+    def put(key, rows):
+        out[key], out[f"{key}_se"] = rows["value"], rows["mc_se"]
+        for extra in ("khat", "remaining"):
+            if extra in rows:
+                out[f"{key}_{extra}"] = rows[extra]
+
+    put("elbo_amortized", per["elbo_amortized"])
+    for kind in ("elbo_refined", "elbo_local"):
+        for name, rows in per[kind].items():
+            put(f"{kind}/{name}", rows)
+    for name, rows in per["log_px_estimates"].items():
+        put(f"log_px_{name}", rows)
+    chosen = per["log_px_estimates"][per["log_px_chosen"]]
+    out["log_px"], out["log_px_se"] = chosen["value"], chosen["mc_se"]
+    return out
+
+
 def _tensors(value, prefix=""):
     """(name, tensor) for every tensor in a nested checkpoint, in a fixed order."""
     if isinstance(value, torch.Tensor):
@@ -83,7 +108,9 @@ def _digest_file(path: Path) -> str:
         for line in path.read_text().splitlines():
             h.update(json.dumps(_strip(json.loads(line)), sort_keys=True).encode())
     else:  # a JSON report
-        h.update(json.dumps(_strip(json.loads(path.read_text())), sort_keys=True).encode())
+        report = json.loads(path.read_text())
+        report["per_datapoint"] = _flat(report["per_datapoint"])
+        h.update(json.dumps(_strip(report), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

@@ -81,9 +81,8 @@ def test_a_gap_report_shared_by_two_processes_equals_one_process_s(tiny_npz, tmp
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["n"] == two["n"] == 23
-    assert one["per_datapoint"].keys() == two["per_datapoint"].keys()
-    for key, values in one["per_datapoint"].items():
-        assert values == two["per_datapoint"][key], key  # exactly, every datapoint
+    # exactly, every datapoint (NaN where too few weights for a k-hat)
+    assert json.dumps(one["per_datapoint"]) == json.dumps(two["per_datapoint"])
     for key in ("log_px", "elbo_amortized", "amortization_gap", "inference_gap"):
         assert one[key] == two[key]
     assert one["local_fit"] == two["local_fit"]

@@ -14,7 +14,7 @@ from .inference.local import LocalFit, fit_local
 from .inference.refine import RefinementPoint, refine, refinement_curve
 from .measure.ais import AISResult, ais, bdmc, reverse_ais
 from .measure.gaps import gap_report
-from .measure.report import GapReport, Quantity, difference, merge_reports
+from .measure.report import GapReport, PerDatapoint, Quantity, Rows, difference, merge_reports
 from .model import LatentVariableModel
 from .nets.decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from .nets.encoders import MLPEncoder
@@ -46,7 +46,9 @@ __all__ = [
     "gap_report",
     "merge_reports",
     "GapReport",
+    "PerDatapoint",
     "Quantity",
+    "Rows",
     "difference",
     "ais",
     "reverse_ais",

@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ..data import load_dataset
 from ..families import FAMILIES
 from ..files import write_atomic
 from ..measure.gaps import gap_report
-from ..measure.report import GapReport, difference
+from ..measure.report import GapReport, PerDatapoint, Rows, difference
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
 from .plots import (
     plot_bound_against_cost,
@@ -172,11 +173,8 @@ def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]
             run_dir / "gaps.png",
         ).name,
         "gap_histogram": plot_gap_histograms(
-            {
-                split: r.per_datapoint[f"elbo_local/{r.encoder_family}"]
-                - r.per_datapoint["elbo_amortized"]
-                for split, r in reports.items()
-            },
+            {split: r.per_datapoint.amortization_gap(r.encoder_family).value
+             for split, r in reports.items()},  # fmt: skip
             run_dir / "amortization_gap_hist.png",
         ).name,
     }
@@ -268,16 +266,21 @@ def _refinement_section(train_r: GapReport, test_r: GapReport, fig, gc: GapConfi
 
     fam = test_r.encoder_family
 
-    def cell(r: GapReport, quantity: str, seconds: float | None) -> str:
-        gain = r.contrast(quantity, "elbo_amortized")  # paired: the same datapoints
+    def cell(rows: Rows, base: Rows, seconds: float | None) -> str:
+        gain = (rows - base).mean()  # paired: the same datapoints
         cost = "" if seconds is None else f" ({seconds * 1e3:.2f} ms)"
-        return (f"{r.quantity(quantity).mean:.3f}, {gain.mean:+.3f} ± {gain.mc_se:.3f} "
+        return (f"{rows.mean().mean:.3f}, {gain.mean:+.3f} ± {gain.mc_se:.3f} "
                 f"[± {gain.data_se:.3f}]{cost}")  # fmt: skip
 
+    def cells(at: Callable[[PerDatapoint], Rows], route: str | None) -> str:
+        return " | ".join(
+            cell(at(r.per_datapoint), r.per_datapoint.elbo_amortized,
+                 None if route is None else r.seconds_per_datapoint[route])
+            for r in (train_r, test_r)
+        )  # fmt: skip
+
     def row(k: str) -> str:
-        quantity = f"elbo_refined/{k}"
-        return (f"| {k} | {cell(train_r, quantity, train_r.seconds_per_datapoint[f'refine/{k}'])}"
-                f" | {cell(test_r, quantity, test_r.seconds_per_datapoint[f'refine/{k}'])} |")
+        return f"| {k} | {cells(lambda per: per.elbo_refined[int(k)], f'refine/{k}')} |"
 
     return [
         "## Buying the bound back: refinement from the encoder's output",
@@ -291,8 +294,7 @@ def _refinement_section(train_r: GapReport, test_r: GapReport, fig, gc: GapConfi
         "| K | training subset | test |",
         "|---|---|---|",
         *[row(k) for k in test_r.refinement],
-        f"| q* | {cell(train_r, f'elbo_local/{fam}', None)} "
-        f"| {cell(test_r, f'elbo_local/{fam}', None)} |",
+        f"| q* | {cells(lambda per: per.elbo_local[fam], None)} |",
         "",
         f"![bound against inference cost]({fig['refinement']})",
         "",

@@ -8,7 +8,10 @@ For a datapoint x, an encoder's q and the best member q* of its family,
 The approximation gap is what the family cannot express; the amortization gap is what
 one shared encoder loses against optimising every datapoint's lambda separately.
 :func:`gap_report` measures all three on the same model and data, and the wall-clock
-price of each inference route.
+price of each inference route. Each route it measures is an object that yields lambda
+for a block of rows (the encoder's one pass, K refinement steps from it, the optimum q*
+of each family), each estimate of log p(x) another (IWAE, AIS); every L[q] is then the
+same ELBO evaluation, and the rows are held by what they measured (:class:`PerDatapoint`).
 
 Every mean carries two errors (:class:`Quantity`): Monte Carlo error, from the random
 draws of the estimates, and sampling error over datapoints, from which n datapoints were
@@ -22,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -36,18 +40,13 @@ from ..inference.local import fit_local
 from ..inference.refine import refinement_path
 from ..model import LatentVariableModel
 from .ais import ais
-from .report import GapReport, _summarise, data_digest, merge_reports
+from .report import GapReport, PerDatapoint, Rows, _summarise, _tighter, data_digest, merge_reports
 
 __all__ = ["GapReport", "gap_report", "merge_reports"]
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def _in_batches(fn, n: int, batch_size: int) -> tuple[Tensor, Tensor]:
-    outs = [fn(s) for s in _slices(n, batch_size)]
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
 def gap_report(
@@ -105,7 +104,9 @@ def gap_report(
             one process measures with the same seed.
 
     Returns:
-        A :class:`GapReport`; ``report.to_json()`` serialises it.
+        A :class:`GapReport`: its means with their two errors, and in
+        ``report.per_datapoint`` every row's estimates by what they measured;
+        ``report.to_json()`` serialises it.
     """
     if local_init not in ("encoder", "prior"):
         raise ValueError(f"local_init must be 'encoder' or 'prior', got {local_init!r}")
@@ -124,118 +125,75 @@ def gap_report(
     mine = range(world.rank, len(blocks), world.size)
     all_families = [family, *[f for f in families if f.name != family.name]]
     ks = sorted(set(refine_steps))
-    routes = ["encoder", *[f"refine/{k}" for k in ks], *[f"local/{f.name}" for f in all_families],
-              "iwae", *(["ais"] if ais_steps > 0 else [])]  # fmt: skip
-
-    def draws(block: int, stage: int):
-        return _block_stream(seed, block, stage, x.device)
-
-    per: dict[int, dict[str, Tensor]] = {b: {} for b in mine}  # block -> key -> values
-    lam_star: dict[int, dict[str, Tensor]] = {b: {} for b in mine}
-    seconds: dict[str, float] = {}
-    fit_sums = {fam.name: [0.0, 0.0, 0.0] for fam in all_families}  # steps, converged, remaining
-
-    def spent(key: str, start: float) -> None:
-        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+    local = {"kwargs": local_kwargs, "batch_size": local_batch, "progress": progress}
+    routes: list[_Route] = [  # in the order they draw: each may start where one before ended
+        _Encoder(family, encoder),
+        *([_Refinement(family, ks, refine_kwargs)] if ks else []),
+        *[_Optimum(fam, _start(fam, family, local_init), **local) for fam in all_families],
+    ]
+    estimators: list[_LogPx] = [_IWAE(iwae_k)]
+    if ais_steps > 0:
+        estimators.append(_AIS(ais_steps, ais_chains))
+    labels = [label for route in routes for label in route.labels()] + [e.name for e in estimators]
+    seconds = dict.fromkeys(labels, 0.0)
+    measured: dict[int, _Block] = {}
 
     was_training = (model.training, encoder.training)
     model.eval()
     encoder.eval()
     try:
         for b in mine:  # every route that needs no choice across blocks
-            xb, out = x[blocks[b]], per[b]
-            with draws(b, 0):
-                with torch.no_grad():  # the amortized route: one forward pass
-                    start = time.perf_counter()
-                    lam_q = encoder(xb)
-                    spent("encoder", start)
-                    out["elbo_amortized"], out["elbo_amortized_se"] = elbo(
-                        model, family, lam_q, xb, elbo_samples, stderr=True
-                    )
-                # K gradient steps from the encoder's output
-                for k, lam_k, cost in refinement_path(model, family, xb, lam_q, ks,
-                                                      **refine_kwargs) if ks else []:  # fmt: skip
-                    with torch.no_grad():
-                        value, se = elbo(model, family, lam_k, xb, elbo_samples, stderr=True)
-                    out[f"elbo_refined/{k}"], out[f"elbo_refined/{k}_se"] = value, se
-                    seconds[f"refine/{k}"] = seconds.get(f"refine/{k}", 0.0) + cost
-                # lambda_i optimised for each datapoint, in each family
-                for fam in all_families:
-                    init = None  # the prior
-                    if local_init == "encoder" and fam.name == family.name:
-                        init = lam_q
-                    elif local_init == "encoder":  # moment-match the encoder family's q*
-                        init = fam.from_gaussian(*family.gaussian_moments(lam_star[b][family.name]))
-                    start = time.perf_counter()
-                    fit = fit_local(
-                        model, fam, xb, init, batch_size=local_batch, progress=progress,
-                        **local_kwargs,
-                    )  # fmt: skip
-                    spent(f"local/{fam.name}", start)
-                    lam_star[b][fam.name] = fit.lam
-                    fit_sums[fam.name][0] += float(fit.steps.float().sum())
-                    fit_sums[fam.name][1] += float(fit.converged.float().sum())
-                    fit_sums[fam.name][2] += float(fit.remaining.clamp(max=1e6).sum())
-                    with torch.no_grad():
-                        out[f"elbo_local/{fam.name}"], out[f"elbo_local/{fam.name}_se"] = elbo(
-                            model, fam, fit.lam, xb, elbo_samples, stderr=True
-                        )
+            block = measured[b] = _Block(x[blocks[b]])
+            with _block_stream(seed, b, 0, x.device):
+                for route in routes:
+                    for where, label, lam, cost in route.lams(model, block):
+                        block.lam[where] = lam
+                        seconds[label] += cost
+                        with torch.no_grad():
+                            block.rows[where] = elbo(model, route.family, lam, block.x,
+                                                     elbo_samples, stderr=True)  # fmt: skip
 
         # log p(x) from the best q* (highest mean L[q*] over all the data)
-        local = {b: {f.name: per[b][f"elbo_local/{f.name}"] for f in all_families} for b in mine}
-        local = _gather_blocks(local, world)
+        local_bounds = _gather_blocks(
+            {b: {f.name: measured[b].rows[_Optimum.where(f)][0] for f in all_families}
+             for b in mine}, world,
+        )  # fmt: skip
         best = max(
             all_families,
-            key=lambda f: float(torch.cat([local[b][f.name] for b in sorted(local)]).mean()),
+            key=lambda f: float(torch.cat([local_bounds[b][f.name]
+                                           for b in sorted(local_bounds)]).mean()),  # fmt: skip
         )
         for b in mine:
-            xb, lam, out = x[blocks[b]], lam_star[b][best.name].detach(), per[b]
-            with draws(b, 1), torch.no_grad():
-                start = time.perf_counter()
-                est = iwae_estimate(model, best, lam, xb, iwae_k)
-                out["log_px_iwae"], out["log_px_iwae_se"] = est.log_px, est.stderr
-                out["log_px_iwae_khat"], out["log_px_iwae_remaining"] = est.khat, est.remaining
-                spent("iwae", start)
-                if ais_steps > 0:
+            block = measured[b]
+            lam = block.lam[_Optimum.where(best)].detach()
+            with _block_stream(seed, b, 1, x.device), torch.no_grad():
+                for estimator in estimators:
                     start = time.perf_counter()
-                    result = ais(model, xb, best, lam, steps=ais_steps, chains=ais_chains)
-                    out["log_px_ais"], out["log_px_ais_se"] = result.log_px, result.stderr
-                    out["log_px_ais_khat"] = result.khat
-                    out["log_px_ais_remaining"] = result.remaining
-                    spent("ais", start)
+                    block.rows[("log_px", estimator.name)] = estimator(model, best, lam, block.x)
+                    seconds[estimator.name] += time.perf_counter() - start
     finally:
         model.train(was_training[0])
         encoder.train(was_training[1])
 
-    estimates = {"iwae": f"IWAE, k={iwae_k}, proposal q* ({best.name})"}
-    if ais_steps > 0:
-        estimates["ais"] = (
-            f"AIS, {ais_steps} steps x {ais_chains} chains, HMC, from q* ({best.name})"
-        )
-    gathered = _gather_blocks(per, world)
-    everything = {
-        key: torch.cat([gathered[b][key].to(x.device) for b in range(len(blocks))])
-        for key in gathered[0]
-    }
-    chosen = max(estimates, key=lambda m: float(everything[f"log_px_{m}"].mean()))
-    everything["log_px"] = everything[f"log_px_{chosen}"]
-    everything["log_px_se"] = everything[f"log_px_{chosen}_se"]
+    gathered = _gather_blocks({b: measured[b].rows for b in mine}, world)
+    per = _per_datapoint([gathered[b] for b in range(len(blocks))], x.device)
+    estimates = {e.name: e.describe(best) for e in estimators}
     # cost per datapoint: the time all processes spent on a route, over the datapoints
-    seconds = {key: distributed.all_sum(seconds.get(key, 0.0), world) / n for key in routes}
+    seconds = {label: distributed.all_sum(seconds[label], world) / n for label in labels}
     fit_stats = {}
-    for name, (steps, converged, remaining) in fit_sums.items():
-        fit_stats[name] = {
-            "mean_steps": distributed.all_sum(steps, world) / n,
-            "converged_fraction": distributed.all_sum(converged, world) / n,
-            "mean_remaining": distributed.all_sum(remaining, world) / n,
-        }
+    for route in routes:
+        if isinstance(route, _Optimum):
+            steps, converged, remaining = route.sums
+            fit_stats[route.family.name] = {
+                "mean_steps": distributed.all_sum(steps, world) / n,
+                "converged_fraction": distributed.all_sum(converged, world) / n,
+                "mean_remaining": distributed.all_sum(remaining, world) / n,
+            }
 
     report = _summarise(
-        everything,
+        per,
         encoder_family=family.name,
-        families=[fam.name for fam in all_families],
         estimates=estimates,
-        chosen=chosen,
         seconds=seconds,
         settings={
             "iwae_k": iwae_k,
@@ -248,7 +206,7 @@ def gap_report(
             "log_px_methods": estimates,
             "stderr": "mc_se: Monte Carlo standard error of the mean; data_se: its "
             "sampling error over the datapoints",
-            "samples": {"iwae": iwae_k, "ais": ais_chains},
+            "samples": {"iwae": iwae_k, "ais": ais_chains},  # weights per row of each
         },
         local_fit=fit_stats,
         data_id=data_digest(x),
@@ -256,6 +214,176 @@ def gap_report(
     for message in report.warnings():
         warnings.warn(message, stacklevel=2)
     return report
+
+
+# What a report measures is held by where it goes: ("elbo_amortized", None),
+# ("elbo_refined", K), ("elbo_local", family name) or ("log_px", estimate name).
+Where = tuple[str, Any]
+
+
+@dataclass
+class _Block:
+    """One block of consecutive rows being measured: its data, the lambda each route
+    found for it, and each estimate's (values, Monte Carlo errors)."""
+
+    x: Tensor
+    lam: dict[Where, Tensor] = field(default_factory=dict)
+    rows: dict[Where, tuple[Tensor, ...]] = field(default_factory=dict)
+
+
+class _Route:
+    """A way of computing lambda for a block that the report measures: the lambdas it
+    yields, each with where its L[q] goes, the label of its cost and the seconds it took."""
+
+    family: VariationalFamily
+
+    def labels(self) -> list[str]:
+        raise NotImplementedError
+
+    def lams(self, model: LatentVariableModel, block: _Block
+             ) -> Iterator[tuple[Where, str, Tensor, float]]:  # fmt: skip
+        raise NotImplementedError
+
+
+@dataclass
+class _Encoder(_Route):
+    """Amortized inference: lambda = encoder(x), one forward pass."""
+
+    family: VariationalFamily
+    encoder: nn.Module
+    where: ClassVar[Where] = ("elbo_amortized", None)
+
+    def labels(self):
+        return ["encoder"]
+
+    def lams(self, model, block):
+        start = time.perf_counter()
+        with torch.no_grad():
+            lam = self.encoder(block.x)
+        yield self.where, "encoder", lam, time.perf_counter() - start
+
+
+@dataclass
+class _Refinement(_Route):
+    """K gradient steps from the encoder's output (:func:`amortized.refine`), for each K."""
+
+    family: VariationalFamily
+    steps: list[int]
+    kwargs: dict[str, Any]
+
+    def labels(self):
+        return [f"refine/{k}" for k in self.steps]
+
+    def lams(self, model, block):
+        start = block.lam[_Encoder.where]
+        for k, lam, cost in refinement_path(model, self.family, block.x, start, self.steps,
+                                            **self.kwargs):  # fmt: skip
+            yield ("elbo_refined", k), f"refine/{k}", lam, cost
+
+
+@dataclass
+class _Optimum(_Route):
+    """lambda_i optimised for each datapoint in a family (:func:`amortized.fit_local`),
+    from ``start(block)`` (None: the prior); ``sums`` adds up its rows' steps, rows
+    converged and what more steps would gain."""
+
+    family: VariationalFamily
+    start: Callable[[_Block], Tensor | None]
+    kwargs: dict[str, Any]
+    batch_size: int | None
+    progress: bool
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    @staticmethod
+    def where(family: VariationalFamily) -> Where:
+        return ("elbo_local", family.name)
+
+    def labels(self):
+        return [f"local/{self.family.name}"]
+
+    def lams(self, model, block):
+        init = self.start(block)
+        start = time.perf_counter()
+        fit = fit_local(model, self.family, block.x, init, batch_size=self.batch_size,
+                        progress=self.progress, **self.kwargs)  # fmt: skip
+        cost = time.perf_counter() - start
+        self.sums[0] += float(fit.steps.float().sum())
+        self.sums[1] += float(fit.converged.float().sum())
+        self.sums[2] += float(fit.remaining.clamp(max=1e6).sum())
+        yield self.where(self.family), f"local/{self.family.name}", fit.lam, cost
+
+
+def _start(fam: VariationalFamily, encoder_family: VariationalFamily, local_init: str
+           ) -> Callable[[_Block], Tensor | None]:  # fmt: skip
+    """Where q* of ``fam`` starts: with ``local_init="encoder"``, the encoder family's at
+    the encoder's output and every other family's at the Gaussian moment-matched to the
+    encoder family's q*; with "prior", the prior."""
+    if local_init == "prior":
+        return lambda block: None
+    if fam.name == encoder_family.name:
+        return lambda block: block.lam[_Encoder.where]
+
+    def moment_matched(block: _Block) -> Tensor:
+        lam = block.lam[_Optimum.where(encoder_family)]
+        return fam.from_gaussian(*encoder_family.gaussian_moments(lam))
+
+    return moment_matched
+
+
+class _LogPx:
+    """An estimate of log p(x) from a proposal q*: ``(log_px, stderr, khat, remaining)``
+    per row."""
+
+    name: ClassVar[str]
+
+    def __call__(self, model, family, lam, x) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def describe(self, family: VariationalFamily) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class _IWAE(_LogPx):
+    k: int
+    name: ClassVar[str] = "iwae"
+
+    def __call__(self, model, family, lam, x):
+        est = iwae_estimate(model, family, lam, x, self.k)
+        return est.log_px, est.stderr, est.khat, est.remaining
+
+    def describe(self, family):
+        return f"IWAE, k={self.k}, proposal q* ({family.name})"
+
+
+@dataclass
+class _AIS(_LogPx):
+    steps: int
+    chains: int
+    name: ClassVar[str] = "ais"
+
+    def __call__(self, model, family, lam, x):
+        result = ais(model, x, family, lam, steps=self.steps, chains=self.chains)
+        return result.log_px, result.stderr, result.khat, result.remaining
+
+    def describe(self, family):
+        return f"AIS, {self.steps} steps x {self.chains} chains, HMC, from q* ({family.name})"
+
+
+def _per_datapoint(blocks: list[dict[Where, tuple[Tensor, ...]]], device: torch.device
+                   ) -> PerDatapoint:  # fmt: skip
+    """Every block's estimates, joined row after row, held by what they measured."""
+    joined = {where: Rows(*(torch.cat([blk[where][i].to(device) for blk in blocks])
+                            for i in range(len(values))))
+              for where, values in blocks[0].items()}  # fmt: skip
+
+    def of(kind: str) -> dict:
+        return {name: rows for (k, name), rows in joined.items() if k == kind}
+
+    estimates = of("log_px")
+    return PerDatapoint(elbo_amortized=joined[_Encoder.where], elbo_local=of("elbo_local"),
+                        log_px_estimates=estimates, log_px_chosen=_tighter(estimates),
+                        elbo_refined=of("elbo_refined"))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -275,8 +403,10 @@ def _gather_blocks(mine: dict[int, Any], world: World) -> dict[int, Any]:
     """Every process's ``{block: value}`` merged, on every process (tensors on the CPU)."""
     if world.size == 1:
         return mine
-    on_cpu = {
-        b: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in values.items()}
-        for b, values in mine.items()
-    }
+    def cpu(v):
+        if isinstance(v, tuple):
+            return tuple(cpu(t) for t in v)
+        return v.cpu() if isinstance(v, Tensor) else v
+
+    on_cpu = {b: {k: cpu(v) for k, v in values.items()} for b, values in mine.items()}
     return {b: v for part in distributed.all_gather_objects(on_cpu, world) for b, v in part.items()}

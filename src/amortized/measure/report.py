@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import Tensor
 from ..files import write_atomic
 from ..weights import khat_threshold
 
-__all__ = ["GapReport", "Quantity", "difference", "merge_reports"]
+__all__ = ["GapReport", "PerDatapoint", "Quantity", "Rows", "difference", "merge_reports"]
 
 #: Per estimate of log p(x): what its weights are, and what to raise for more of them.
 _WEIGHTS_OF = {"iwae": ("draws", "raise iwae_k or estimate by AIS (ais_steps)"),
@@ -60,6 +60,165 @@ class Quantity:
 
 
 @dataclass
+class Rows:
+    """One estimate per datapoint, ``(n,)``, with its Monte Carlo error per datapoint.
+
+    An estimate of log p(x) also carries, per row, its importance weights' Pareto k-hat
+    (``khat``) and what more weights would still gain (``remaining``;
+    :mod:`amortized.weights`). ``a - b`` is the paired difference of two estimates drawn
+    independently on the same datapoints; ``mean()`` the mean over datapoints with its two
+    errors.
+    """
+
+    value: np.ndarray
+    mc_se: np.ndarray
+    khat: np.ndarray | None = None
+    remaining: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("value", "mc_se", "khat", "remaining"):
+            v = getattr(self, name)
+            if isinstance(v, Tensor):
+                setattr(self, name, v.detach().cpu().numpy())
+            elif v is not None:
+                setattr(self, name, np.asarray(v))
+
+    def __len__(self) -> int:
+        return self.value.size
+
+    def mean(self) -> Quantity:
+        return _quantity(self.value, self.mc_se)
+
+    def __sub__(self, other: Rows) -> Rows:
+        if self.value.shape != other.value.shape:
+            raise ValueError(f"paired quantities need the same datapoints, got "
+                             f"{len(self)} and {len(other)}")  # fmt: skip
+        return Rows(self.value - other.value, np.hypot(self.mc_se, other.mc_se))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {name: v.tolist() for name, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float]]) -> Rows:
+        return cls(**{name: np.asarray(v) for name, v in d.items()})
+
+    @classmethod
+    def cat(cls, parts: Sequence[Rows]) -> Rows:
+        """The rows of ``parts`` one after another."""
+        def joined(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else np.concatenate(values)
+
+        return cls(*(joined(name) for name in ("value", "mc_se", "khat", "remaining")))
+
+
+@dataclass
+class PerDatapoint:
+    """Every per-datapoint estimate behind a report's means, held by what it measured.
+
+    ``elbo_amortized`` is L[q] at the encoder's output; ``elbo_refined[K]`` L[q] after K
+    refinement steps from it; ``elbo_local[family]`` L[q*] of each family optimised per
+    datapoint; ``log_px_estimates[name]`` each estimate of log p(x) (``"iwae"``,
+    ``"ais"``), of which the report uses ``log_px_chosen``, the tighter on average. The
+    gaps are differences of these rows.
+    """
+
+    elbo_amortized: Rows
+    elbo_local: dict[str, Rows]
+    log_px_estimates: dict[str, Rows]
+    log_px_chosen: str
+    elbo_refined: dict[int, Rows] = field(default_factory=dict)
+
+    @property
+    def log_px(self) -> Rows:
+        return self.log_px_estimates[self.log_px_chosen]
+
+    def approximation_gap(self, family: str) -> Rows:
+        """log p(x) - L[q*] of ``family``."""
+        return self.log_px - self.elbo_local[family]
+
+    def amortization_gap(self, family: str) -> Rows:
+        """L[q*] - L[q], with q* in ``family``, the encoder's family."""
+        return self.elbo_local[family] - self.elbo_amortized
+
+    def inference_gap(self) -> Rows:
+        """log p(x) - L[q]."""
+        return self.log_px - self.elbo_amortized
+
+    def to_dict(self) -> dict[str, Any]:
+        def each(rows: dict) -> dict[str, Any]:
+            return {str(k): r.to_dict() for k, r in rows.items()}
+
+        return {"elbo_amortized": self.elbo_amortized.to_dict(),
+                "elbo_refined": each(self.elbo_refined), "elbo_local": each(self.elbo_local),
+                "log_px_estimates": each(self.log_px_estimates),
+                "log_px_chosen": self.log_px_chosen}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PerDatapoint | None:
+        """Inverse of :meth:`to_dict`; None for a report written without its arrays."""
+        if not d:
+            return None
+        if "elbo_amortized_se" in d:
+            return _from_flat(d)
+
+        def each(rows: dict, key=str) -> dict:
+            return {key(k): Rows.from_dict(r) for k, r in rows.items()}
+
+        return cls(elbo_amortized=Rows.from_dict(d["elbo_amortized"]),
+                   elbo_local=each(d["elbo_local"]),
+                   log_px_estimates=each(d["log_px_estimates"]),
+                   log_px_chosen=d["log_px_chosen"],
+                   elbo_refined=each(d["elbo_refined"], int))  # fmt: skip
+
+    @classmethod
+    def cat(cls, parts: Sequence[PerDatapoint]) -> PerDatapoint:
+        """The datapoints of ``parts`` one after another (shards measured alike); log p(x)
+        by the estimate that is tighter over all of them."""
+        first = parts[0]
+
+        def each(name: str) -> dict:
+            return {k: Rows.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}
+
+        estimates = each("log_px_estimates")
+        return cls(elbo_amortized=Rows.cat([p.elbo_amortized for p in parts]),
+                   elbo_local=each("elbo_local"), log_px_estimates=estimates,
+                   log_px_chosen=_tighter(estimates),
+                   elbo_refined=each("elbo_refined"))  # fmt: skip
+
+
+def _tighter(estimates: dict[str, Rows]) -> str:
+    """The estimate of log p(x) with the higher mean: every one is a lower bound."""
+    return max(estimates, key=lambda m: float(torch.as_tensor(estimates[m].value).mean()))
+
+
+def _from_flat(per: dict[str, list[float]]) -> PerDatapoint:
+    """A report's arrays as written before they were held by what they measured: one
+    flat mapping from ``"elbo_local/<family>"``, ``"log_px_<estimate>"`` and the like
+    (with ``_se``, ``_khat``, ``_remaining`` suffixes) to lists."""
+
+    def rows(key: str) -> Rows:
+        extra = {s: per[f"{key}_{s}"] for s in ("khat", "remaining") if f"{key}_{s}" in per}
+        return Rows.from_dict({"value": per[key], "mc_se": per[f"{key}_se"], **extra})
+
+    def named(prefix: str) -> list[str]:
+        suffixes = ("_se", "_khat", "_remaining")
+        return [k[len(prefix):] for k in per
+                if k.startswith(prefix) and not k.endswith(suffixes)]  # fmt: skip
+
+    estimates = {name: rows(f"log_px_{name}") for name in named("log_px_")}
+    chosen = next(m for m, r in estimates.items()
+                  if np.array_equal(r.value, per["log_px"], equal_nan=True))
+    return PerDatapoint(
+        elbo_amortized=rows("elbo_amortized"),
+        elbo_local={name: rows(f"elbo_local/{name}") for name in named("elbo_local/")},
+        log_px_estimates=estimates,
+        log_px_chosen=chosen,
+        elbo_refined={int(k): rows(f"elbo_refined/{k}") for k in named("elbo_refined/")},
+    )
+
+
+@dataclass
 class GapReport:
     """What :func:`gap_report` measured. Means are over the n datapoints, in nats.
 
@@ -67,8 +226,10 @@ class GapReport:
     datapoint; ``amortization_gap`` is taken against the encoder's own family.
     ``refinement`` maps K (as a string) to L[q] after K refinement steps from the
     encoder's output (:func:`amortized.refine`), whose cost per datapoint is
-    ``seconds_per_datapoint["refine/K"]``. ``per_datapoint`` holds the arrays behind
-    every mean; ``seconds_per_datapoint`` the wall-clock cost of each inference route.
+    ``seconds_per_datapoint["refine/K"]``. ``per_datapoint`` (:class:`PerDatapoint`)
+    holds the estimates behind every mean, row by row, by what they measured (None for a
+    report read back without them); ``seconds_per_datapoint`` the wall-clock cost of each
+    inference route.
     ``log_px_weights`` summarises, per estimate of log p(x), what its importance weights say
     (:mod:`amortized.weights`): the Pareto k-hat of each row's weights (rows above the
     threshold are too heavy-tailed to trust) and what more weights would still gain.
@@ -92,12 +253,13 @@ class GapReport:
     refinement: dict[str, Quantity] = field(default_factory=dict)
     log_px_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     data_id: str = ""
-    per_datapoint: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    per_datapoint: PerDatapoint | None = field(default=None, repr=False)
 
     def to_dict(self, per_datapoint: bool = True) -> dict[str, Any]:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_datapoint"}
+        out = asdict(GapReport(**out))
         out["per_datapoint"] = (
-            {k: v.tolist() for k, v in self.per_datapoint.items()} if per_datapoint else {}
+            self.per_datapoint.to_dict() if per_datapoint and self.per_datapoint else {}
         )
         return out
 
@@ -122,26 +284,45 @@ class GapReport:
             data[key] = Quantity.from_dict(data[key])
         for key in ("log_px_estimates", "elbo_local", "approximation_gap", "refinement"):
             data[key] = quantities(data[key])
-        data["per_datapoint"] = {k: np.asarray(v) for k, v in data["per_datapoint"].items()}
+        data["per_datapoint"] = PerDatapoint.from_dict(data.get("per_datapoint", {}))
         return cls(**data)
 
     @classmethod
     def from_json(cls, path: str | Path) -> GapReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def values(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per-datapoint values of a reported quantity and their Monte Carlo errors.
-
-        ``quantity`` is ``"log_px"``, ``"log_px/<estimate>"`` (``iwae``, ``ais``),
-        ``"elbo_amortized"``, ``"elbo_local/<family>"``, ``"elbo_refined/<K>"``,
-        ``"approximation_gap/<family>"``, ``"amortization_gap"`` or ``"inference_gap"``.
-        """
-        if not self.per_datapoint:
+    def rows(self, quantity: str) -> Rows:
+        """The per-datapoint estimates of a reported quantity, by its name: ``"log_px"``,
+        ``"log_px/<estimate>"`` (``iwae``, ``ais``), ``"elbo_amortized"``,
+        ``"elbo_local/<family>"``, ``"elbo_refined/<K>"``, ``"approximation_gap/<family>"``,
+        ``"amortization_gap"`` or ``"inference_gap"``. (The same rows, by what they
+        measured: :attr:`per_datapoint`.)"""
+        per = self.per_datapoint
+        if per is None:
             raise ValueError("this report holds no per-datapoint arrays (written without them)")
-        return _values(self.per_datapoint, quantity, self.encoder_family)
+        head, _, tail = quantity.partition("/")
+        lookups = {
+            "log_px": lambda: per.log_px_estimates[tail] if tail else per.log_px,
+            "elbo_amortized": lambda: per.elbo_amortized,
+            "elbo_local": lambda: per.elbo_local[tail],
+            "elbo_refined": lambda: per.elbo_refined[int(tail)],
+            "approximation_gap": lambda: per.approximation_gap(tail),
+            "amortization_gap": lambda: per.amortization_gap(self.encoder_family),
+            "inference_gap": per.inference_gap,
+        }
+        try:
+            return lookups[head]()
+        except (KeyError, ValueError):
+            raise ValueError(f"the report has no quantity {quantity!r}") from None
+
+    def values(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-datapoint values of a reported quantity (named as in :meth:`rows`) and
+        their Monte Carlo errors."""
+        rows = self.rows(quantity)
+        return rows.value, rows.mc_se
 
     def quantity(self, name: str) -> Quantity:
-        """The reported mean named as in :meth:`values` (``"amortization_gap"``,
+        """The reported mean named as in :meth:`rows` (``"amortization_gap"``,
         ``"elbo_local/fullcov"``, ...), with its two errors."""
         head, _, tail = name.partition("/")
         table = {
@@ -163,8 +344,7 @@ class GapReport:
         instance ``contrast("elbo_local/fullcov", "elbo_local/diagonal")``, family against
         family, or ``contrast("elbo_refined/100", "elbo_amortized")``, route against route.
         Both must be estimated from draws of their own (not gaps sharing a log p(x))."""
-        (va, sa), (vb, sb) = self.values(a), self.values(b)
-        return _paired(va, sa, vb, sb)
+        return (self.rows(a) - self.rows(b)).mean()
 
     def convergence_warnings(self) -> list[str]:
         """One line per family whose q* may still move a reported gap by more than its
@@ -244,15 +424,15 @@ class GapReport:
         fam = self.encoder_family
         others = [name for name in self.elbo_local if name != fam]
         paired = []  # differences on the same datapoints, with their own errors
-        if self.per_datapoint and {"iwae", "ais"} <= set(self.log_px_estimates):
-            paired.append(("log p(x): AIS - IWAE", self.contrast("log_px/ais", "log_px/iwae"),
+        per = self.per_datapoint
+        if per and {"iwae", "ais"} <= set(per.log_px_estimates):
+            ais_iwae = per.log_px_estimates["ais"] - per.log_px_estimates["iwae"]
+            paired.append(("log p(x): AIS - IWAE", ais_iwae.mean(),
                            "paired; > 0: IWAE is biased low by at least this"))  # fmt: skip
-        if self.per_datapoint:
-            paired += [
-                (f"L[q*] ({name}) - L[q*] ({fam})",
-                 self.contrast(f"elbo_local/{name}", f"elbo_local/{fam}"), "paired")
-                for name in others
-            ]  # fmt: skip
+        if per:
+            paired += [(f"L[q*] ({name}) - L[q*] ({fam})",
+                        (per.elbo_local[name] - per.elbo_local[fam]).mean(), "paired")
+                       for name in others]  # fmt: skip
         rows = [
             ("log p(x)", self.log_px, self.log_px_method),
             *[
@@ -295,30 +475,6 @@ def _quantity(values: Tensor | np.ndarray, mc_se: Tensor | np.ndarray) -> Quanti
                     float(data_se))  # fmt: skip
 
 
-def _paired(va, sa, vb, sb) -> Quantity:
-    """a - b on the same datapoints, from independent draws: per-datapoint differences."""
-    if np.shape(va) != np.shape(vb):
-        raise ValueError(f"paired quantities need the same datapoints, got {len(va)} and {len(vb)}")
-    return _quantity(np.asarray(va) - np.asarray(vb), np.hypot(sa, sb))
-
-
-def _values(per: dict, quantity: str, encoder_family: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, MC errors) per datapoint of ``quantity`` (see :meth:`GapReport.values`)."""
-    head, _, tail = quantity.partition("/")
-    gaps = {  # gap -> (minuend, subtrahend)
-        "approximation_gap": ("log_px", f"elbo_local/{tail}"),
-        "amortization_gap": (f"elbo_local/{encoder_family}", "elbo_amortized"),
-        "inference_gap": ("log_px", "elbo_amortized"),
-    }
-    if head in gaps:
-        (va, sa), (vb, sb) = (_values(per, key, encoder_family) for key in gaps[head])
-        return np.asarray(va) - np.asarray(vb), np.hypot(sa, sb)
-    key = f"log_px_{tail}" if head == "log_px" and tail else quantity
-    if key not in per:
-        raise ValueError(f"the report has no quantity {quantity!r}")
-    return np.asarray(per[key]), np.asarray(per[f"{key}_se"])
-
-
 def difference(a: GapReport, b: GapReport, quantity: str, *, paired: bool | None = None
                ) -> Quantity:  # fmt: skip
     """``quantity`` of report a minus that of report b, with the errors of the difference.
@@ -327,7 +483,7 @@ def difference(a: GapReport, b: GapReport, quantity: str, *, paired: bool | None
     settings on one test set: the mean and errors of the per-datapoint differences);
     unpaired where not (train against test: errors add in quadrature). ``paired=None``
     pairs them when their data digests agree. ``quantity`` names as in
-    :meth:`GapReport.values`.
+    :meth:`GapReport.rows`.
 
     Example: ``difference(test, train, "amortization_gap")`` is how much larger the
     amortization gap is on held-out data, with its sampling error over both sets of
@@ -336,7 +492,7 @@ def difference(a: GapReport, b: GapReport, quantity: str, *, paired: bool | None
     if paired is None:
         paired = bool(a.data_id) and a.data_id == b.data_id and a.n == b.n
     if paired:
-        return _paired(*a.values(quantity), *b.values(quantity))
+        return (a.rows(quantity) - b.rows(quantity)).mean()
     qa, qb = a.quantity(quantity), b.quantity(quantity)
     return Quantity(qa.mean - qb.mean, math.hypot(qa.mc_se, qb.mc_se),
                     math.hypot(qa.data_se, qb.data_se))  # fmt: skip
@@ -349,21 +505,21 @@ def data_digest(x: Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _weight_summaries(per: dict[str, np.ndarray], estimates: dict[str, str],
-                      settings: dict[str, Any]) -> dict[str, dict[str, float]]:  # fmt: skip
+def _weight_summaries(estimates: dict[str, Rows], samples: dict[str, int]
+                      ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per estimate of log p(x), what its importance weights say: the k-hat threshold for
-    their number, how many rows exceed it, the median and largest k-hat (left out where
-    too few weights to fit a tail, such as AIS's usual 16 chains), and the mean over rows
-    of what more weights would gain, with its standard error."""
+    their number (``samples[name]``), how many rows exceed it, the median and largest
+    k-hat (left out where too few weights to fit a tail, such as AIS's usual 16 chains),
+    and the mean over rows of what more weights would gain, with its standard error."""
     out = {}
-    for name in estimates:
+    for name, rows in estimates.items():
         stats = {}
-        khat = np.asarray(per.get(f"log_px_{name}_khat", []), dtype=np.float64)
+        khat = np.asarray([] if rows.khat is None else rows.khat, dtype=np.float64)
         if khat.size and not np.isnan(khat).all():
-            threshold = khat_threshold(settings.get("samples", {}).get(name, 0))
+            threshold = khat_threshold(samples.get(name, 0))
             stats.update(threshold=threshold, above=float((khat > threshold).sum()),
                          median=float(np.nanmedian(khat)), max=float(np.nanmax(khat)))  # fmt: skip
-        gain = np.asarray(per.get(f"log_px_{name}_remaining", []), dtype=np.float64)
+        gain = np.asarray([] if rows.remaining is None else rows.remaining, dtype=np.float64)
         if gain.size > 1 and np.isfinite(gain).all():
             stats.update(remaining=float(gain.mean()),
                          remaining_se=float(gain.std(ddof=1) / math.sqrt(gain.size)))  # fmt: skip
@@ -373,42 +529,34 @@ def _weight_summaries(per: dict[str, np.ndarray], estimates: dict[str, str],
 
 
 def _summarise(
-    per: dict[str, Tensor],
+    per: PerDatapoint,
     *,
     encoder_family: str,
-    families: list[str],
     estimates: dict[str, str],
-    chosen: str,
     seconds: dict[str, float],
     settings: dict[str, Any],
     local_fit: dict[str, dict[str, float]],
     data_id: str,
 ) -> GapReport:
-    """A report's means and gaps from its per-datapoint arrays."""
-    per = {k: torch.as_tensor(v).detach().cpu().numpy() for k, v in per.items()}
-
-    def quantity(name: str) -> Quantity:
-        return _quantity(*_values(per, name, encoder_family))
-
-    refined = sorted(
-        int(k.split("/")[1]) for k in per if k.startswith("elbo_refined/") and "_se" not in k
-    )
+    """A report's means and gaps from its per-datapoint estimates; ``estimates`` describes
+    each estimate of log p(x)."""
+    families = list(per.elbo_local)
     return GapReport(
-        n=per["log_px"].size,
+        n=len(per.log_px),
         encoder_family=encoder_family,
-        log_px=quantity("log_px"),
-        log_px_method=estimates[chosen],
-        log_px_estimates={name: quantity(f"log_px/{name}") for name in estimates},
-        elbo_amortized=quantity("elbo_amortized"),
-        elbo_local={name: quantity(f"elbo_local/{name}") for name in families},
-        approximation_gap={name: quantity(f"approximation_gap/{name}") for name in families},
-        amortization_gap=quantity("amortization_gap"),
-        inference_gap=quantity("inference_gap"),
+        log_px=per.log_px.mean(),
+        log_px_method=estimates[per.log_px_chosen],
+        log_px_estimates={name: rows.mean() for name, rows in per.log_px_estimates.items()},
+        elbo_amortized=per.elbo_amortized.mean(),
+        elbo_local={name: rows.mean() for name, rows in per.elbo_local.items()},
+        approximation_gap={name: per.approximation_gap(name).mean() for name in families},
+        amortization_gap=per.amortization_gap(encoder_family).mean(),
+        inference_gap=per.inference_gap().mean(),
         seconds_per_datapoint=seconds,
         settings=settings,
         local_fit=local_fit,
-        refinement={str(k): quantity(f"elbo_refined/{k}") for k in refined},
-        log_px_weights=_weight_summaries(per, estimates, settings),
+        refinement={str(k): rows.mean() for k, rows in sorted(per.elbo_refined.items())},
+        log_px_weights=_weight_summaries(per.log_px_estimates, settings.get("samples", {})),
         data_id=data_id,
         per_datapoint=per,
     )
@@ -434,18 +582,14 @@ def merge_reports(reports: Sequence[GapReport]) -> GapReport:
                 "reports to merge were measured differently (settings, families, or the "
                 "q* that log p(x) was drawn from)"
             )
-        if r.per_datapoint.keys() != first.per_datapoint.keys():
-            raise ValueError("reports to merge hold different per-datapoint arrays")
-    methods = first.settings["log_px_methods"]  # estimator name -> description
-    per = {
-        k: torch.cat([torch.as_tensor(r.per_datapoint[k]) for r in reports])
-        for k in first.per_datapoint
-    }
-    chosen = max(methods, key=lambda m: float(per[f"log_px_{m}"].mean()))
+    parts = [r.per_datapoint for r in reports]
+    if any(p is None for p in parts):
+        raise ValueError("reports to merge need their per-datapoint arrays")
+    if len({(tuple(p.log_px_estimates), tuple(p.elbo_refined)) for p in parts}) > 1:
+        raise ValueError("reports to merge hold different per-datapoint arrays")
     data_id = first.data_id  # of one report; of several, a digest of their digests in order
     if len(reports) > 1:
         data_id = hashlib.sha256(" ".join(r.data_id for r in reports).encode()).hexdigest()[:16]
-    per["log_px"], per["log_px_se"] = per[f"log_px_{chosen}"], per[f"log_px_{chosen}_se"]
     n = sum(r.n for r in reports)
 
     def weighted(values: list[dict[str, float]]) -> dict[str, float]:
@@ -453,11 +597,9 @@ def merge_reports(reports: Sequence[GapReport]) -> GapReport:
                 for k in values[0]}  # fmt: skip
 
     return _summarise(
-        per,
+        PerDatapoint.cat(parts),
         encoder_family=first.encoder_family,
-        families=list(first.elbo_local),
-        estimates=methods,
-        chosen=chosen,
+        estimates=first.settings["log_px_methods"],
         seconds=weighted([r.seconds_per_datapoint for r in reports]),
         settings=first.settings,
         local_fit={f: weighted([r.local_fit[f] for r in reports]) for f in first.local_fit},
