@@ -4,13 +4,14 @@ and reported; rerun, finished runs are only rescored; bad settings refused."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
 from amortized.apps.cli import main
 from amortized.apps.collapse import REMEDIES, run_collapse_study, train_config
-from amortized.config import CollapseConfig, ConfigError
+from amortized.config import CollapseConfig, ConfigError, TrainConfig, load_config
 from amortized.data import Dataset
 from amortized.train import evaluation_subset, load_run, prepare_split, read_metrics
 
@@ -20,6 +21,14 @@ SMALL = dict(
     made_hidden=(16,), latent_dim=2, epochs=2, savae_epochs=1, valid_points=0, test_points=20,
     iwae_k=4, vq_latents=2, vq_code_dim=2, vq_codebook=4, prior_epochs=1,
 )  # fmt: skip
+
+
+def small(**change) -> CollapseConfig:
+    """SMALL with ``change``: the shared training settings go into ``train``."""
+    settings = {**SMALL, **change}
+    shared = {f.name for f in fields(TrainConfig)}
+    train = replace(CollapseConfig().train, **{k: v for k, v in settings.items() if k in shared})
+    return CollapseConfig(train=train, **{k: v for k, v in settings.items() if k not in shared})
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,7 @@ def strokes():
 @pytest.fixture(scope="module")
 def study(strokes, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("collapse")
-    return run_dir, run_collapse_study(CollapseConfig(**SMALL), run_dir, dataset=strokes)
+    return run_dir, run_collapse_study(small(), run_dir, dataset=strokes)
 
 
 def test_every_row_is_trained_scored_and_reported(study):
@@ -81,14 +90,14 @@ def test_the_decoder_alone_scores_its_own_likelihood(study, strokes):
 def test_rerunning_rescores_without_retraining(study, strokes):
     run_dir, results = study
     before = {name: read_metrics(run_dir / name) for name in REMEDIES}
-    again = run_collapse_study(CollapseConfig(**SMALL), run_dir, dataset=strokes)
+    again = run_collapse_study(small(), run_dir, dataset=strokes)
     assert {name: read_metrics(run_dir / name) for name in REMEDIES} == before
     for name in REMEDIES:
         assert again["rows"][name]["nll_iwae"] == results["rows"][name]["nll_iwae"]
 
 
 def test_each_row_shares_the_model_and_differs_in_training_only():
-    config = CollapseConfig(**SMALL, lr=5e-3, lr_schedule="cosine")
+    config = small(lr=5e-3, lr_schedule="cosine")
     plain = train_config(config, "plain")
     assert train_config(config, "free-bits").free_bits == 0.25
     assert train_config(config, "savae").epochs == 1 and plain.epochs == 2
@@ -113,7 +122,7 @@ def test_each_row_shares_the_model_and_differs_in_training_only():
 )
 def test_bad_settings_are_refused_before_any_work(change, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        run_collapse_study(CollapseConfig(**{**SMALL, **change}), tmp_path / "run")
+        run_collapse_study(small(**change), tmp_path / "run")
     assert not (tmp_path / "run" / "plain").exists()
 
 
@@ -134,11 +143,38 @@ def test_the_command_line_refuses_values_of_the_wrong_type_in_one_line(option, t
 
 
 def test_the_study_runs_with_the_pixelcnn_decoder(strokes, tmp_path):
-    config = CollapseConfig(**{**SMALL, "decoder": "pixelcnn", "pixelcnn_channels": 4,
-                               "pixelcnn_layers": 2, "pixelcnn_kernel": 3,
-                               "remedies": ("plain", "decoder-alone"), "vqvae": False})  # fmt: skip
+    config = small(decoder="pixelcnn", pixelcnn_channels=4, pixelcnn_layers=2,
+                   pixelcnn_kernel=3, remedies=("plain", "decoder-alone"), vqvae=False)  # fmt: skip
     rows = run_collapse_study(config, tmp_path, dataset=strokes)["rows"]
     assert list(rows) == ["plain", "decoder-alone"]
     assert rows["decoder-alone"]["active_units"] == 0 or rows["decoder-alone"]["kl"] < 1.0
     report = (tmp_path / "report.md").read_text()
     assert "PixelCNN VAE, plain" in report and "PixelCNN alone (z cut off)" in report
+
+
+def test_a_remedy_s_own_setting_is_refused_and_not_offered(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^train.inference is set by each remedy"):
+        run_collapse_study(small(inference="svi"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["collapse", "--run-dir", str(tmp_path / "cli"), "--warmup-epochs", "3"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --warmup-epochs" in capsys.readouterr().err
+
+
+def test_a_collapse_config_file_holds_a_training_table_and_older_flat_files_still_read(tmp_path):
+    nested = tmp_path / "nested.toml"
+    nested.write_text('iwae_k = 7\n[train]\nlatent_dim = 3\n')
+    config = load_config(CollapseConfig, nested)
+    # what the file leaves out keeps the collapse study's defaults, not TrainConfig's
+    assert config.train.latent_dim == 3 and config.iwae_k == 7
+    assert (config.train.dataset, config.train.decoder, config.train.epochs) == (
+        "binarized-mnist", "made", 40)  # fmt: skip
+    flat = tmp_path / "flat.toml"  # the layout before CollapseConfig held a TrainConfig
+    flat.write_text('iwae_k = 7\nlatent_dim = 3\ndecoder = "made"\n')
+    assert load_config(CollapseConfig, flat) == config
+    # and a run's config.toml reads back as the config that wrote it
+    from amortized.config import save_config
+
+    save_config(config, tmp_path / "saved.toml")
+    assert load_config(CollapseConfig, tmp_path / "saved.toml") == config

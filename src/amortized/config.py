@@ -8,6 +8,7 @@ typo or a bad value fails with one line naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -31,6 +32,7 @@ __all__ = [
     "CollapseConfig",
     "ConfigError",
     "check_choices",
+    "check_fields",
     "choices",
     "load_config",
     "save_config",
@@ -74,9 +76,9 @@ class TrainConfig:
     )
     data_dir: str = field(default="", metadata=_help("directory with dataset files"))
     likelihood: Likelihood = field(default="bernoulli", metadata=_help("bernoulli or gaussian"))
-    latent_dim: int = field(default=50, metadata=_help("dimension of z"))
+    latent_dim: int = field(default=50, metadata=_help("dimension of z", ge=1))
     hidden: tuple[int, ...] = field(
-        default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200")
+        default=(200, 200), metadata=_help("hidden layer sizes, e.g. 200,200", ge=1)
     )
     encoder: EncoderKind = field(
         default="mlp", metadata=_help("mlp, or conv: stride-2 convolutions over images")
@@ -89,10 +91,10 @@ class TrainConfig:
         ),
     )
     conv_channels: tuple[int, ...] = field(
-        default=(32, 64), metadata=_help("channels of the conv encoder/decoder's stages")
+        default=(32, 64), metadata=_help("channels of the conv encoder/decoder's stages", ge=1)
     )
     made_hidden: tuple[int, ...] = field(
-        default=(500,), metadata=_help("hidden layer sizes of the made decoder")
+        default=(500,), metadata=_help("hidden layer sizes of the made decoder", ge=1)
     )
     decoder_uses_z: bool = field(
         default=True,
@@ -101,13 +103,13 @@ class TrainConfig:
             "shows what the latent code buys"
         ),
     )
-    pixelcnn_channels: int = field(default=32, metadata=_help("channels of the PixelCNN"))
-    pixelcnn_layers: int = field(default=5, metadata=_help("gated layers of the PixelCNN"))
-    pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN"))
+    pixelcnn_channels: int = field(default=32, metadata=_help("channels of the PixelCNN", ge=1))
+    pixelcnn_layers: int = field(default=5, metadata=_help("gated layers of the PixelCNN", ge=1))
+    pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN", ge=3))
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
     family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
     objective: Objective = field(default="elbo", metadata=_help("elbo or iwae"))
-    samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)"))
+    samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)", ge=1))
     inference: str = field(
         default="amortized",
         metadata=_help(
@@ -117,21 +119,27 @@ class TrainConfig:
             "iterative: a learned update network (Marino et al. 2018)"
         ),
     )
-    iterations: int = field(default=5, metadata=_help("updates of iterative inference"))
+    iterations: int = field(default=5, metadata=_help("updates of iterative inference", ge=1))
     iterative_start: IterativeStart = field(
         default="prior", metadata=_help("lambda_0 of iterative inference: prior or encoder")
     )
-    svi_steps: int = field(default=20, metadata=_help("refinement steps of savae/vae+svi/svi"))
-    svi_lr: float = field(default=0.02, metadata=_help("step size of those refinement steps"))
+    svi_steps: int = field(
+        default=20, metadata=_help("refinement steps of savae/vae+svi/svi", ge=0)
+    )
+    svi_lr: float = field(default=0.02, metadata=_help("step size of those refinement steps", gt=0))
     svi_method: RefineMethod = field(
         default="adam", metadata=_help("adam, or sgd (momentum 0.5, as in Kim et al. 2018)")
     )
-    epochs: int = field(default=100, metadata=_help("maximum training epochs"))
-    batch_size: int = field(default=100, metadata=_help("minibatch size"))
-    lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    epochs: int = field(default=100, metadata=_help("maximum training epochs", ge=0))
+    batch_size: int = field(default=100, metadata=_help("minibatch size", ge=1))
+    lr: float = field(default=1e-3, metadata=_help("Adam learning rate", gt=0))
     grad_clip: float = field(
         default=0.0,
-        metadata=_help("clip each step's gradient to this total norm (0: no clipping)"),
+        metadata=_help(
+            "clip each step's gradient to this total norm (0: no clipping)",
+            ge=0,
+            why="0: no clipping",
+        ),
     )
     lr_schedule: LrSchedule = field(
         default="constant",
@@ -141,14 +149,18 @@ class TrainConfig:
         ),
     )
     warmup_epochs: float = field(
-        default=10.0, metadata=_help("epochs over which the KL weight rises from 0 to 1")
+        default=10.0, metadata=_help("epochs over which the KL weight rises from 0 to 1", ge=0)
     )
     kl_schedule: KlSchedule = field(
         default="linear", metadata=_help("shape of that rise: linear or sigmoid")
     )
     free_bits: float = field(
         default=0.0,
-        metadata=_help("free bits (Kingma et al. 2016): a KL floor in nats per minibatch; 0: off"),
+        metadata=_help(
+            "free bits (Kingma et al. 2016): a KL floor in nats per minibatch; 0: off",
+            ge=0,
+            why="0: off",
+        ),
     )
     free_bits_mode: FreeBitsMode = field(
         default="dimension",
@@ -164,12 +176,14 @@ class TrainConfig:
     )
     diagnostics_points: int = field(
         default=1000,
-        metadata=_help("validation points for the per-epoch KL, active units and I(x; z)"),
+        metadata=_help(
+            "validation points for the per-epoch KL, active units and I(x; z)", ge=0, why="0: off"
+        ),
     )
     patience: int = field(
-        default=20, metadata=_help("stop after this many epochs without validation gain")
+        default=20, metadata=_help("stop after this many epochs without validation gain", ge=1)
     )
-    valid_samples: int = field(default=10, metadata=_help("samples of the validation ELBO"))
+    valid_samples: int = field(default=10, metadata=_help("samples of the validation ELBO", ge=1))
     seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same run"))
     device: str = field(default="cpu", metadata=_help("cpu, cuda, cuda:1, ..."))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
@@ -179,32 +193,46 @@ class TrainConfig:
 class GapConfig:
     """How to measure the inference gaps of a trained model."""
 
-    iwae_k: int = field(default=5000, metadata=_help("IWAE samples for log p(x)"))
-    ais_steps: int = field(
-        default=0, metadata=_help("if > 0, also estimate log p(x) by AIS with this many steps")
+    iwae_k: int = field(
+        default=5000,
+        metadata=_help("IWAE samples for log p(x)", ge=2, why="its error needs two draws"),
     )
-    ais_chains: int = field(default=16, metadata=_help("AIS chains per datapoint"))
-    elbo_samples: int = field(default=1000, metadata=_help("samples per ELBO evaluation"))
-    local_steps: int = field(default=2000, metadata=_help("max steps of per-datapoint VI"))
-    local_lr: float = field(default=0.02, metadata=_help("Adam step size of per-datapoint VI"))
-    local_samples: int = field(default=8, metadata=_help("samples per per-datapoint gradient"))
+    ais_steps: int = field(
+        default=0,
+        metadata=_help(
+            "if > 0, also estimate log p(x) by AIS with this many steps", ge=0, why="0: no AIS"
+        ),
+    )
+    ais_chains: int = field(default=16, metadata=_help("AIS chains per datapoint", ge=1))
+    elbo_samples: int = field(
+        default=1000,
+        metadata=_help("samples per ELBO evaluation", ge=2, why="its error needs two draws"),
+    )
+    local_steps: int = field(default=2000, metadata=_help("max steps of per-datapoint VI", ge=0))
+    local_lr: float = field(
+        default=0.02, metadata=_help("Adam step size of per-datapoint VI", gt=0)
+    )
+    local_samples: int = field(
+        default=8, metadata=_help("samples per per-datapoint gradient", ge=1)
+    )
     local_init: LocalInit = field(default="encoder", metadata=_help("encoder or prior"))
     families: tuple[str, ...] = field(
         default=(), metadata=_help("extra families optimised per datapoint, e.g. fullcov")
     )
     refine_steps: tuple[int, ...] = field(
         default=(),
-        metadata=_help("refinement curve: L[q] after K steps from the encoder, e.g. 0,5,20"),
+        metadata=_help("refinement curve: L[q] after K steps from the encoder, e.g. 0,5,20", ge=0),
     )
-    refine_lr: float = field(default=0.02, metadata=_help("step size of the refinement"))
+    refine_lr: float = field(default=0.02, metadata=_help("step size of the refinement", gt=0))
     refine_method: RefineMethod = field(
         default="adam", metadata=_help("adam, or sgd (momentum 0.5, as in Kim et al. 2018)")
     )
     split: Split = field(default="test", metadata=_help("train, valid or test"))
     max_points: int = field(
-        default=0, metadata=_help("evaluate a fixed random subset of N points (0: all)")
+        default=0,
+        metadata=_help("evaluate a fixed random subset of N points (0: all)", ge=0, why="0: all"),
     )
-    eval_batch_size: int = field(default=500, metadata=_help("datapoints evaluated together"))
+    eval_batch_size: int = field(default=500, metadata=_help("datapoints evaluated together", ge=1))
     eval_seed: int = field(default=0, metadata=_help("random seed of the estimates"))
 
 
@@ -219,55 +247,64 @@ class StudyConfig:
         )
     )
     train_subset: int = field(
-        default=500, metadata=_help("training points on which the gaps are also measured")
+        default=500, metadata=_help("training points on which the gaps are also measured", ge=0)
     )
 
 
 REMEDY_NAMES = ("plain", "kl-annealing", "free-bits", "aggressive", "savae", "decoder-alone")
+#: The training settings each remedy of the collapse study sets for its own row (and
+#: patience, which is every row's epochs): a collapse config leaves them at their defaults.
+REMEDY_FIELDS = ("warmup_epochs", "kl_schedule", "free_bits", "free_bits_mode", "aggressive",
+                 "inference", "svi_steps", "svi_method", "svi_lr", "decoder_uses_z",
+                 "patience")  # fmt: skip
+
+
+def _collapse_training() -> TrainConfig:
+    """The collapse study's shared training settings where they differ from a VAE's."""
+    return TrainConfig(dataset="binarized-mnist", decoder="made", latent_dim=32, epochs=40,
+                       lr=7e-3, lr_schedule="cosine", pixelcnn_channels=8, pixelcnn_layers=8,
+                       valid_samples=1, progress=False)  # fmt: skip
 
 
 @dataclass
 class CollapseConfig:
     """The posterior-collapse study: an autoregressive-decoder VAE trained plain and with
-    each remedy, the decoder alone, and a VQ-VAE, on the same data."""
+    each remedy, the decoder alone, and a VQ-VAE, on the same data.
 
-    dataset: str = field(
-        default="binarized-mnist", metadata=_help("a binary (or [0, 1]) image dataset")
-    )
-    data_dir: str = field(default="", metadata=_help("directory with dataset files"))
-    decoder: CollapseDecoder = field(
-        default="made", metadata=_help("made (masked MLP) or pixelcnn (gated PixelCNN)")
-    )
-    made_hidden: tuple[int, ...] = field(
-        default=(500,), metadata=_help("hidden layer sizes of the made decoder")
-    )
-    pixelcnn_channels: int = field(default=8, metadata=_help("channels of the PixelCNN"))
-    pixelcnn_layers: int = field(default=8, metadata=_help("gated layers of the PixelCNN"))
-    pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN"))
-    latent_dim: int = field(default=32, metadata=_help("dimension of z"))
+    ``train`` holds what every row shares (data, decoder, latent size, optimiser,
+    ``epochs`` of every VAE but SA-VAE, seed, device); each remedy sets its own
+    :data:`REMEDY_FIELDS` on top of it.
+    """
+
+    train: TrainConfig = field(default_factory=_collapse_training)
     remedies: tuple[str, ...] = field(
         default=REMEDY_NAMES, metadata=_help(f"the VAEs to train, from {','.join(REMEDY_NAMES)}")
     )
-    epochs: int = field(default=40, metadata=_help("epochs of every VAE but SA-VAE"))
     savae_epochs: int = field(
-        default=10, metadata=_help("epochs of SA-VAE (a step costs about 15 plain steps)")
+        default=10, metadata=_help("epochs of SA-VAE (a step costs about 15 plain steps)", ge=1)
     )
-    lr: float = field(default=7e-3, metadata=_help("Adam learning rate of every VAE"))
-    lr_schedule: LrSchedule = field(
-        default="cosine", metadata=_help("constant, burda or cosine (see amortized train)")
+    train_points: int = field(default=0, metadata=_help("training subset (0: all)", ge=0))
+    valid_points: int = field(default=1000, metadata=_help("validation subset (0: all)", ge=0))
+    test_points: int = field(
+        default=500, metadata=_help("random test images scored (0: all)", ge=0)
     )
-    train_points: int = field(default=0, metadata=_help("training subset (0: all)"))
-    valid_points: int = field(default=1000, metadata=_help("validation subset (0: all)"))
-    test_points: int = field(default=500, metadata=_help("random test images scored (0: all)"))
-    iwae_k: int = field(default=100, metadata=_help("samples of the IWAE NLL estimate"))
+    iwae_k: int = field(default=100, metadata=_help("samples of the IWAE NLL estimate", ge=1))
     vqvae: bool = field(default=True, metadata=_help("train and score the VQ-VAE"))
-    vq_latents: int = field(default=16, metadata=_help("codes per image of the VQ-VAE"))
-    vq_code_dim: int = field(default=16, metadata=_help("dimension of a codebook vector"))
-    vq_codebook: int = field(default=64, metadata=_help("codebook entries"))
-    prior_epochs: int = field(default=20, metadata=_help("epochs of the VQ-VAE's code prior"))
-    seed: int = field(default=0, metadata=_help("random seed"))
-    device: str = field(default="cpu", metadata=_help("cpu, cuda, ..."))
-    progress: bool = field(default=False, metadata=_help("show progress bars"))
+    vq_latents: int = field(default=16, metadata=_help("codes per image of the VQ-VAE", ge=1))
+    vq_code_dim: int = field(default=16, metadata=_help("dimension of a codebook vector", ge=1))
+    vq_codebook: int = field(default=64, metadata=_help("codebook entries", ge=1))
+    prior_epochs: int = field(default=20, metadata=_help("epochs of the VQ-VAE's code prior", ge=1))
+
+    @staticmethod
+    def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """A collapse config written before it held a TrainConfig: its shared training
+        settings sat beside the study's own; they move into ``train``."""
+        shared = {f.name for f in fields(TrainConfig)} - {f.name for f in fields(CollapseConfig)}
+        moved = {k: v for k, v in data.items() if k in shared}
+        if not moved:
+            return data
+        rest = {k: v for k, v in data.items() if k not in shared}
+        return {**rest, "train": {**moved, **rest.get("train", {})}}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -295,6 +332,35 @@ def check_choices(config: Any, prefix: str = "") -> None:
             check_choices(value, prefix=f"{prefix}{f.name}.")
         elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
             raise ConfigError(f"{prefix}{f.name} must be one of {typing.get_args(tp)}")
+
+
+def check_fields(config: Any, prefix: str = "") -> None:
+    """Raise ConfigError, naming the field, for a value outside its choices (its Literal
+    type) or its bounds (declared beside the field, see :func:`_help`); nested configs
+    are checked with their path (``gap.iwae_k``)."""
+    check_choices(config, prefix)
+    for f in fields(config):
+        value, name = getattr(config, f.name), f"{prefix}{f.name}"
+        if _is_dataclass_type(resolve_types(type(config))[f.name]):
+            check_fields(value, prefix=f"{name}.")
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            problem = _out_of_bounds(item, f.metadata)
+            if problem:
+                raise ConfigError(f"{name} must be {problem}, got {value!r}")
+
+
+def _out_of_bounds(value: Any, bounds: typing.Mapping[str, Any]) -> str | None:
+    """What ``value`` must be and is not (``">= 1"``, ``"a positive number"``), or None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    why = f" ({bounds['why']})" if "why" in bounds else ""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if "gt" in bounds and not (finite and value > bounds["gt"]):
+        return "a positive number" if bounds["gt"] == 0 else f"a number > {bounds['gt']}{why}"
+    if "ge" in bounds and not (finite and value >= bounds["ge"]):
+        return f"{'a number ' if isinstance(value, float) else ''}>= {bounds['ge']}{why}"
+    return None
 
 
 def coerce(value: Any, tp: Any, name: str) -> Any:
@@ -341,10 +407,15 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict, checking names and types."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a (nested) dict, checking names and types. Settings the
+    dict leaves out keep their values in ``base`` (by default ``cls()``): a nested
+    config's defaults are its parent's (the study's GapConfig, the collapse study's
+    TrainConfig), not its own class's."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a table, got {data!r}")
+    data = getattr(cls, "_upgrade", lambda d: d)(data)  # older layouts of a config
+    base = cls() if base is None else base
     hints = resolve_types(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
@@ -356,10 +427,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for name, value in data.items():
         tp = hints[name]
         if _is_dataclass_type(tp):
-            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.", getattr(base, name))
         else:
             kwargs[name] = coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

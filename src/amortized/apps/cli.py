@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    REMEDY_FIELDS,
     CollapseConfig,
     ConfigError,
     GapConfig,
@@ -34,16 +35,18 @@ from ..train.loop import TrainingDiverged
 __all__ = ["main"]
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """One option per dataclass field; values stay strings until :func:`_apply`."""
+def _add_fields(parser: argparse.ArgumentParser, defaults: Any, skip: Sequence[str] = ()) -> None:
+    """One option per field of the dataclass ``defaults`` is an instance of, showing that
+    instance's values as the defaults (a study's GapConfig is not the gap command's); values
+    stay strings until :func:`_apply`."""
+    cls = type(defaults)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} options")
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        text = f"{f.metadata.get('help', '')} (default: {_show(getattr(defaults, f.name))})"
         if hints[f.name] is bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -86,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/study-DATASET)")
     p.add_argument("--config", default=None, help="StudyConfig TOML file")
-    _add_fields(p, TrainConfig)
-    _add_fields(p, GapConfig, skip=("split",))
-    _add_fields(p, StudyConfig)
+    study = StudyConfig()
+    _add_fields(p, study.train)
+    _add_fields(p, study.gap, skip=("split",))
+    _add_fields(p, study)
 
     p = sub.add_parser(
         "train",
@@ -98,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/train-DATASET)")
     p.add_argument("--config", default=None, help="TrainConfig TOML file")
-    _add_fields(p, TrainConfig)
+    _add_fields(p, TrainConfig())
 
     p = sub.add_parser(
         "gap",
@@ -111,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/gaps_SPLIT.json)")
-    _add_fields(p, GapConfig)
+    _add_fields(p, GapConfig())
 
     p = sub.add_parser(
         "collapse",
@@ -124,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/collapse)")
     p.add_argument("--config", default=None, help="CollapseConfig TOML file")
-    _add_fields(p, CollapseConfig)
+    collapse = CollapseConfig()
+    _add_fields(p, collapse.train, skip=REMEDY_FIELDS)  # each remedy sets those itself
+    _add_fields(p, collapse)
 
     p = sub.add_parser(
         "download",
@@ -196,7 +202,7 @@ def _collapse(args: argparse.Namespace) -> None:
     from .collapse import run_collapse_study
 
     config = load_config(CollapseConfig, args.config) if args.config else CollapseConfig()
-    config = _apply(config, args)
+    config = dataclasses.replace(_apply(config, args), train=_apply(config.train, args))
     run_dir = Path(args.run_dir or "runs/collapse")
     results = run_collapse_study(config, run_dir)
     print((run_dir / "report.md").read_text().split("\n## ")[0].rstrip())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,11 +35,13 @@ import torch
 from torch import Tensor
 
 from ..config import (
+    REMEDY_FIELDS,
     REMEDY_NAMES,
     CollapseConfig,
+    CollapseDecoder,
     ConfigError,
     TrainConfig,
-    check_choices,
+    check_fields,
     save_config,
     to_dict,
 )
@@ -71,28 +74,25 @@ REMEDIES: dict[str, dict] = {
     "decoder-alone": {"warmup_epochs": 0.0, "decoder_uses_z": False},
 }
 assert tuple(REMEDIES) == REMEDY_NAMES
+assert {k for settings in REMEDIES.values() for k in settings} <= set(REMEDY_FIELDS)
 
 DECODER_NAMES = {"pixelcnn": "PixelCNN", "made": "MADE"}
 
 
 def validate(config: CollapseConfig) -> None:
     """Reject settings that cannot work, with one line naming the field."""
-    check_choices(config)  # decoder, lr_schedule (config.py)
+    check_fields(config)  # every setting's choices and bounds (config.py)
     unknown = sorted(set(config.remedies) - set(REMEDIES))
+    owned = [name for name in REMEDY_FIELDS
+             if getattr(config.train, name) != getattr(TrainConfig(), name)]  # fmt: skip
+    decoders = typing.get_args(CollapseDecoder)
     checks = [
         (not unknown, f"remedies: unknown {unknown}; choose from {','.join(REMEDIES)}"),
         (config.remedies or config.vqvae, "remedies is empty and vqvae is off: nothing to run"),
-        (config.epochs >= 1 and config.savae_epochs >= 1, "epochs and savae_epochs must be >= 1"),
-        (config.prior_epochs >= 1, "prior_epochs must be >= 1"),
-        (config.iwae_k >= 1, "iwae_k must be >= 1"),
-        (
-            min(config.train_points, config.valid_points, config.test_points) >= 0,
-            "train_points, valid_points and test_points must be >= 0 (0: all)",
-        ),
-        (
-            min(config.vq_latents, config.vq_code_dim, config.vq_codebook) >= 1,
-            "vq_latents, vq_code_dim and vq_codebook must be >= 1",
-        ),
+        (config.train.decoder in decoders, f"train.decoder must be one of {decoders}"),
+        (config.train.epochs >= 1, "train.epochs must be >= 1"),
+        (not owned, f"train.{owned[0] if owned else ''} is set by each remedy of the study "
+                    "for its own row: leave it out"),  # fmt: skip
     ]
     for ok, message in checks:
         if not ok:
@@ -102,17 +102,9 @@ def validate(config: CollapseConfig) -> None:
 
 
 def train_config(config: CollapseConfig, remedy: str) -> TrainConfig:
-    """The TrainConfig of one row: the shared model, the remedy's training settings."""
-    epochs = config.savae_epochs if remedy == "savae" else config.epochs
-    return TrainConfig(
-        dataset=config.dataset, data_dir=config.data_dir, latent_dim=config.latent_dim,
-        decoder=config.decoder, made_hidden=config.made_hidden,
-        pixelcnn_channels=config.pixelcnn_channels, pixelcnn_layers=config.pixelcnn_layers,
-        pixelcnn_kernel=config.pixelcnn_kernel, epochs=epochs, patience=epochs,
-        lr=config.lr, lr_schedule=config.lr_schedule,
-        valid_samples=1, seed=config.seed, device=config.device, progress=config.progress,
-        **REMEDIES[remedy],
-    )  # fmt: skip
+    """The TrainConfig of one row: the shared settings, the remedy's own on top."""
+    epochs = config.savae_epochs if remedy == "savae" else config.train.epochs
+    return replace(config.train, epochs=epochs, patience=epochs, **REMEDIES[remedy])
 
 
 def score_vae(trained: Trained, x: Tensor, k: int, batch: int = 10) -> dict:
@@ -140,14 +132,15 @@ def score_vae(trained: Trained, x: Tensor, k: int, batch: int = 10) -> dict:
 
 def _vqvae(config: CollapseConfig, data: Dataset, x_test: Tensor, out: Path) -> dict:
     """Train (or resume) the VQ-VAE and its code prior; score them on x_test."""
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
+    shared = config.train
+    device = torch.device(shared.device)
+    torch.manual_seed(shared.seed)
     vq = VQVAE(
         x_test.shape[1], latents=config.vq_latents, code_dim=config.vq_code_dim,
         codebook_size=config.vq_codebook,
     ).to(device)  # fmt: skip
-    train_x = prepare_split(data, "train", "bernoulli", config.seed).to(device)
-    valid_x = prepare_split(data, "valid", "bernoulli", config.seed).to(device)
+    train_x = prepare_split(data, "train", "bernoulli", shared.seed).to(device)
+    valid_x = prepare_split(data, "valid", "bernoulli", shared.seed).to(device)
 
     def vq_score() -> dict:
         with torch.no_grad():
@@ -155,7 +148,7 @@ def _vqvae(config: CollapseConfig, data: Dataset, x_test: Tensor, out: Path) -> 
             perplexity = codebook_perplexity(vq.codes(valid_x), config.vq_codebook)[0]
             return {"valid_bound_uniform": bound, "perplexity": perplexity}
 
-    log = fit(vq, vq.loss, train_x, vq_score, out / "vqvae", epochs=config.epochs, seed=config.seed)
+    log = fit(vq, vq.loss, train_x, vq_score, out / "vqvae", epochs=shared.epochs, seed=shared.seed)
     with torch.no_grad():
         train_codes = torch.cat([vq.codes(xb) for xb in train_x.split(1000)])
     prior = CodePrior(config.vq_codebook, config.vq_latents).to(device)
@@ -168,7 +161,7 @@ def _vqvae(config: CollapseConfig, data: Dataset, x_test: Tensor, out: Path) -> 
             return {"valid_bound_prior": float(vq.bound(valid_x, prior).mean())}
 
     log += fit(prior, prior_loss, train_codes, prior_score, out / "vqvae-prior",
-               epochs=config.prior_epochs, seed=config.seed)  # fmt: skip
+               epochs=config.prior_epochs, seed=shared.seed)  # fmt: skip
     shown = torch.linspace(0, len(x_test) - 1, min(10, len(x_test))).long()  # spread out
     with torch.no_grad():
         codes = vq.codes(x_test)
@@ -203,14 +196,15 @@ def run_collapse_study(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.toml")
     start = time.perf_counter()
-    data = dataset or load_dataset(config.dataset, config.data_dir or None)
+    shared = config.train
+    data = dataset or load_dataset(shared.dataset, shared.data_dir or None)
     data = replace(
         data,
-        train=evaluation_subset(data.train, config.train_points, config.seed),
-        valid=evaluation_subset(data.valid, config.valid_points, config.seed),
+        train=evaluation_subset(data.train, config.train_points, shared.seed),
+        valid=evaluation_subset(data.valid, config.valid_points, shared.seed),
     )
-    x_test = prepare_split(data, "test", "bernoulli", config.seed)
-    x_test = evaluation_subset(x_test, config.test_points, config.seed).to(config.device)
+    x_test = prepare_split(data, "test", "bernoulli", shared.seed)
+    x_test = evaluation_subset(x_test, config.test_points, shared.seed).to(shared.device)
 
     rows: dict[str, dict] = {}
     for name in config.remedies:
@@ -218,7 +212,7 @@ def run_collapse_study(
         metrics = read_metrics(run_dir / name)
         if metrics and "kl_per_dim" in metrics[-1]:
             plot_latent_use(metrics, run_dir / f"{name}_latent_use.png")
-        torch.manual_seed(config.seed)
+        torch.manual_seed(shared.seed)
         rows[name] = score_vae(trained, x_test, config.iwae_k) | {
             "epochs": len(metrics),
             "seconds": sum(m["seconds"] for m in metrics),
@@ -239,12 +233,12 @@ def run_collapse_study(
 
 def _report(config: CollapseConfig, name: str, results: dict) -> str:
     rows, data = results["rows"], results["data"]
-    decoder = DECODER_NAMES[config.decoder]
-    shared = train_config(config, "plain")
+    decoder = DECODER_NAMES[config.train.decoder]
+    shared = config.train
     lines = [
         f"# Posterior collapse: a {decoder} decoder on {name}",
         "",
-        f"{data['train']} training images, {config.epochs} epochs"
+        f"{data['train']} training images, {shared.epochs} epochs"
         + (f" (SA-VAE {config.savae_epochs})" if "savae" in rows else "")
         + f", batch {shared.batch_size}, Adam {shared.lr:g}"
         + ("" if shared.lr_schedule == "constant" else f" ({shared.lr_schedule} schedule)")
@@ -270,7 +264,7 @@ def _report(config: CollapseConfig, name: str, results: dict) -> str:
         label = f"{decoder} alone (z cut off)" if alone else f"{decoder} VAE, {name}"
         lines.append(
             f"| {label} | {r['nll_iwae']:.2f} | {r['elbo']:.2f} | {r['kl']:.2f} "
-            f"| {r['active_units']} of {config.latent_dim} | {r['mutual_information']:.2f} "
+            f"| {r['active_units']} of {shared.latent_dim} | {r['mutual_information']:.2f} "
             f"| {'yes' if r['collapsed'] else 'no'} | | {r['seconds']:.0f} |"
         )
     if "decoder-alone" in rows:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..config import ConfigError, GapConfig, StudyConfig, check_choices, to_dict
+from ..config import GapConfig, StudyConfig, check_fields, to_dict
 from ..data import load_dataset
 from ..families import FAMILIES
 from ..files import write_atomic
@@ -44,24 +44,7 @@ def check_gap_config(gap: GapConfig) -> None:
     unknown = [f for f in gap.families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown family {unknown[0]!r}; choose from {sorted(FAMILIES)}")
-    check_choices(gap)  # refine_method, local_init, split (config.py)
-    positive = lambda v: v > 0 and math.isfinite(v)  # noqa: E731
-    checks = [
-        (gap.iwae_k >= 2, "iwae_k must be >= 2 (its error needs two draws)"),
-        (gap.elbo_samples >= 2, "elbo_samples must be >= 2 (its error needs two draws)"),
-        (gap.ais_steps >= 0, "ais_steps must be >= 0 (0: no AIS)"),
-        (gap.ais_chains >= 1, "ais_chains must be >= 1"),
-        (gap.local_steps >= 0, "local_steps must be >= 0"),
-        (positive(gap.local_lr), f"local_lr must be a positive number, got {gap.local_lr}"),
-        (gap.local_samples >= 1, "local_samples must be >= 1"),
-        (all(k >= 0 for k in gap.refine_steps), "refine_steps must be >= 0"),
-        (positive(gap.refine_lr), f"refine_lr must be a positive number, got {gap.refine_lr}"),
-        (gap.max_points >= 0, "max_points must be >= 0 (0: all)"),
-        (gap.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    check_fields(gap)  # every setting's choices and bounds, declared beside it (config.py)
 
 
 def measure_gaps(
@@ -107,6 +90,7 @@ def measure_gaps(
 def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume), measure gaps on a training subset and the test split, report."""
     run_dir = Path(run_dir)
+    check_fields(config)  # train_subset, and the training and gap settings' own
     check_gap_config(config.gap)
     started = time.perf_counter()
     dataset = load_dataset(config.train.dataset, config.train.data_dir or None)
