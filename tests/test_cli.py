@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 
 import numpy as np
 import pytest
 
+import amortized
 from amortized.apps.cli import main
 from amortized.data import load_dataset
 
@@ -66,6 +68,11 @@ def test_study_end_to_end_then_gap(tiny_npz, tmp_path, capsys):
     latent = results["training"]["latent"]
     assert latent["points"] == 50 and len(latent["kl_per_dim"]) == 2  # the tiny data's valid split
     assert f"{latent['active_units']} of 2 units active" in report
+    # what reproduces it: versions, seeds and the settings that ran
+    machine = results["machine"]
+    assert machine["python"] == platform.python_version() and machine["numpy"] == np.__version__
+    assert f"amortized {amortized.__version__}" in report and "training seed 0" in report
+    assert f"Python {machine['python']}" in report and "Command: `" in report
     capsys.readouterr()
 
     assert main(["gap", str(run), "--split", "valid", "--iwae-k", "10", "--elbo-samples", "5",

@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .. import distributed
+from .. import __version__, distributed
 from ..config import GapConfig, StudyConfig, check_fields, to_dict
 from ..data import load_dataset
 from ..families import FAMILIES
@@ -235,10 +239,32 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "amortized": __version__,
+        "commit": _commit(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "command": _command(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _command() -> str:
+    """The command line that is running, as a user would type it again."""
+    if Path(sys.argv[0]).name in ("amortized", "__main__.py"):
+        return shlex.join(["amortized", *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
+
+
+def _commit() -> str | None:
+    """The git commit of the package's source, where it runs from a checkout."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=5, cwd=Path(__file__).parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 _METHOD_NAMES = {"adam": "Adam", "sgd": "momentum-SGD"}
@@ -302,7 +328,40 @@ def _generalisation_sentence(d) -> str:
 
 
 def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, GapReport]) -> str:
-    tc, gc = config.train, config.gap
+    fig = results["figures"]
+    lines = [
+        *_header(config.train, results),
+        *_gap_section(reports, fig, config.gap),
+        *_refinement_section(reports["train"], reports["test"], fig, config.gap),
+        *_cost_section(reports["train"], reports["test"]),
+    ]
+    if "training" in fig:
+        lines += ["## Training", "", f"![training curves]({fig['training']})", ""]
+    if "latent_use" in fig:
+        lines += _latent_use_section(results["training"]["latent"], fig)
+    if "images" in fig:
+        lines += ["## Reconstructions and samples", "", f"![images]({fig['images']})", ""]
+    return "\n".join(lines + _provenance_section(config, results))
+
+
+def _header(tc, results: dict[str, Any]) -> list[str]:
+    data, training = results["dataset"], results["training"]
+    best = (f" (best validation ELBO {training['best_valid_elbo']:.2f})."
+            if _was_trained(results) else ".")  # fmt: skip
+    return [
+        f"# Amortization study: {data['name']}",
+        "",
+        f"Model: {tc.likelihood} decoder, z in R^{tc.latent_dim}, MLP {list(tc.hidden)} "
+        f"({tc.activation}), {tc.family} Gaussian encoder, trained on the {tc.objective.upper()}"
+        f"{f'-{tc.samples}' if tc.objective == 'iwae' else ''} for "
+        f"{training['epochs']} epochs{best}",
+        f"Data: {data['train']} train / {data['valid']} valid / {data['test']} test, "
+        f"binarization: {data['binarization']}.",
+        "",
+    ]
+
+
+def _gap_section(reports: dict[str, GapReport], fig: dict[str, str], gc: GapConfig) -> list[str]:
     train_r, test_r = reports["train"], reports["test"]
     fam = test_r.encoder_family
 
@@ -311,47 +370,9 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         return (f"| {label} | {train_r.quantity(quantity)} | {test_r.quantity(quantity)} "
                 f"| {d.mean:+.3f} ± {d.mc_se:.3f} [± {d.data_se:.3f}] |")  # fmt: skip
 
-    rows = [
-        f"| datapoints | {train_r.n} | {test_r.n} | |",
-        row("log p(x)", "log_px"),
-        *[
-            row(f"log p(x) by {name}", f"log_px/{name}")
-            for name in test_r.log_px_estimates
-            if len(test_r.log_px_estimates) > 1
-        ],
-        *[row(f"L[q*] {name}", f"elbo_local/{name}") for name in test_r.elbo_local],
-        row("L[q] encoder", "elbo_amortized"),
-        row(f"approximation gap ({fam})", f"approximation_gap/{fam}"),
-        row("amortization gap", "amortization_gap"),
-        row("inference gap", "inference_gap"),
-        *[
-            row(f"approximation gap ({name})", f"approximation_gap/{name}")
-            for name in test_r.approximation_gap
-            if name != fam
-        ],
-    ]
-    timing = [
-        f"| {route} | {train_r.seconds_per_datapoint[route] * 1e3:.4f} "
-        f"| {test_r.seconds_per_datapoint[route] * 1e3:.4f} |"
-        for route in test_r.seconds_per_datapoint
-    ]
-    fig = results["figures"]
-    generalisation = difference(test_r, train_r, "amortization_gap")
-    lines = [
-        f"# Amortization study: {results['dataset']['name']}",
-        "",
-        f"Model: {tc.likelihood} decoder, z in R^{tc.latent_dim}, MLP {list(tc.hidden)} "
-        f"({tc.activation}), {tc.family} Gaussian encoder, trained on the {tc.objective.upper()}"
-        f"{f'-{tc.samples}' if tc.objective == 'iwae' else ''} for "
-        f"{results['training']['epochs']} epochs"
-        + (
-            f" (best validation ELBO {results['training']['best_valid_elbo']:.2f})."
-            if _was_trained(results)
-            else "."
-        ),
-        f"Data: {results['dataset']['train']} train / {results['dataset']['valid']} valid / "
-        f"{results['dataset']['test']} test, binarization: {results['dataset']['binarization']}.",
-        "",
+    estimates = list(test_r.log_px_estimates) if len(test_r.log_px_estimates) > 1 else []
+    others = [name for name in test_r.approximation_gap if name != fam]
+    return [
         "## Inference gaps",
         "",
         "Nats per datapoint, as mean ± Monte Carlo s.e. [± s.e. over the datapoints]. The "
@@ -370,38 +391,54 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
         "",
         "| quantity | training subset | test | test - train |",
         "|---|---|---|---|",
-        *rows,
+        f"| datapoints | {train_r.n} | {test_r.n} | |",
+        row("log p(x)", "log_px"),
+        *[row(f"log p(x) by {name}", f"log_px/{name}") for name in estimates],
+        *[row(f"L[q*] {name}", f"elbo_local/{name}") for name in test_r.elbo_local],
+        row("L[q] encoder", "elbo_amortized"),
+        row(f"approximation gap ({fam})", f"approximation_gap/{fam}"),
+        row("amortization gap", "amortization_gap"),
+        row("inference gap", "inference_gap"),
+        *[row(f"approximation gap ({name})", f"approximation_gap/{name}") for name in others],
         "",
-        _generalisation_sentence(generalisation),
+        _generalisation_sentence(difference(test_r, train_r, "amortization_gap")),
         "",
         f"![gaps]({fig['gaps']})  ![amortization gap per datapoint]({fig['gap_histogram']})",
         "",
-        *_refinement_section(train_r, test_r, fig, gc),
+    ]
+
+
+def _cost_section(train_r: GapReport, test_r: GapReport) -> list[str]:
+    return [
         "## Cost of inference (milliseconds per datapoint)",
         "",
         "| route | training subset | test |",
         "|---|---|---|",
-        *timing,
+        *[f"| {route} | {train_r.seconds_per_datapoint[route] * 1e3:.4f} "
+          f"| {test_r.seconds_per_datapoint[route] * 1e3:.4f} |"
+          for route in test_r.seconds_per_datapoint],  # fmt: skip
         "",
         "`encoder` is one forward pass; `refine/K` is K refinement steps from its output; "
         "`local/*` is per-datapoint optimisation of lambda (batched); `iwae` the log p(x) "
         "estimate.",
         "",
     ]
-    if "training" in fig:
-        lines += ["## Training", "", f"![training curves]({fig['training']})", ""]
-    if "latent_use" in fig:
-        lines += _latent_use_section(results["training"]["latent"], fig)
-    if "images" in fig:
-        lines += ["## Reconstructions and samples", "", f"![images]({fig['images']})", ""]
+
+
+def _provenance_section(config: StudyConfig, results: dict[str, Any]) -> list[str]:
     m = results["machine"]
-    lines += [
-        "## Machine",
+    return [
+        "## Machine and provenance",
         "",
         f"{m['platform']}, {m['processor']}, torch {m['torch']}, {m['threads']} threads, "
         f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}. "
         f"Study wall time {results['seconds']:.0f} s "
         f"(training {results['training']['seconds']:.0f} s).",
         "",
+        f"amortized {m.get('amortized', '?')} (commit {m.get('commit') or 'unknown'}), "
+        f"Python {m.get('python', '?')}, numpy {m.get('numpy', '?')}; training seed "
+        f"{config.train.seed}, estimates' seed {config.gap.eval_seed}. Command: "
+        f"`{m.get('command', '?')}`. Every setting is in results.json and config.toml.",
+        "",
     ]
-    return "\n".join(lines)
+

@@ -40,7 +40,8 @@ from ..inference.local import fit_local
 from ..inference.refine import refinement_path
 from ..model import LatentVariableModel
 from .ais import ais
-from .report import GapReport, PerDatapoint, Rows, _summarise, _tighter, data_digest, merge_reports
+from .quantities import PerDatapoint, Rows, _tighter
+from .report import GapReport, _summarise, data_digest, merge_reports
 
 __all__ = ["GapReport", "gap_report", "merge_reports"]
 
@@ -122,7 +123,6 @@ def gap_report(
     refine_kwargs = dict(refine_kwargs or {})
     n = x.shape[0]
     blocks = _slices(n, batch_size)
-    mine = range(world.rank, len(blocks), world.size)
     all_families = [family, *[f for f in families if f.name != family.name]]
     ks = sorted(set(refine_steps))
     local = {"kwargs": local_kwargs, "batch_size": local_batch, "progress": progress}
@@ -134,62 +134,22 @@ def gap_report(
     estimators: list[_LogPx] = [_IWAE(iwae_k)]
     if ais_steps > 0:
         estimators.append(_AIS(ais_steps, ais_chains))
-    labels = [label for route in routes for label in route.labels()] + [e.name for e in estimators]
-    seconds = dict.fromkeys(labels, 0.0)
-    measured: dict[int, _Block] = {}
-
-    was_training = (model.training, encoder.training)
-    model.eval()
-    encoder.eval()
-    try:
-        for b in mine:  # every route that needs no choice across blocks
-            block = measured[b] = _Block(x[blocks[b]])
-            with _block_stream(seed, b, 0, x.device):
-                for route in routes:
-                    for where, label, lam, cost in route.lams(model, block):
-                        block.lam[where] = lam
-                        seconds[label] += cost
-                        with torch.no_grad():
-                            block.rows[where] = elbo(model, route.family, lam, block.x,
-                                                     elbo_samples, stderr=True)  # fmt: skip
-
-        # log p(x) from the best q* (highest mean L[q*] over all the data)
-        local_bounds = _gather_blocks(
-            {b: {f.name: measured[b].rows[_Optimum.where(f)][0] for f in all_families}
-             for b in mine}, world,
-        )  # fmt: skip
-        best = max(
-            all_families,
-            key=lambda f: float(torch.cat([local_bounds[b][f.name]
-                                           for b in sorted(local_bounds)]).mean()),  # fmt: skip
-        )
-        for b in mine:
-            block = measured[b]
-            lam = block.lam[_Optimum.where(best)].detach()
-            with _block_stream(seed, b, 1, x.device), torch.no_grad():
-                for estimator in estimators:
-                    start = time.perf_counter()
-                    block.rows[("log_px", estimator.name)] = estimator(model, best, lam, block.x)
-                    seconds[estimator.name] += time.perf_counter() - start
-    finally:
-        model.train(was_training[0])
-        encoder.train(was_training[1])
-
-    gathered = _gather_blocks({b: measured[b].rows for b in mine}, world)
-    per = _per_datapoint([gathered[b] for b in range(len(blocks))], x.device)
+    with _evaluating(model, encoder):
+        rows, seconds, best = _measure(model, x, routes, estimators, blocks, elbo_samples,
+                                       seed, world)  # fmt: skip
+    per = _per_datapoint(rows, x.device)
     estimates = {e.name: e.describe(best) for e in estimators}
     # cost per datapoint: the time all processes spent on a route, over the datapoints
-    seconds = {label: distributed.all_sum(seconds[label], world) / n for label in labels}
-    fit_stats = {}
-    for route in routes:
-        if isinstance(route, _Optimum):
-            steps, converged, remaining = route.sums
-            fit_stats[route.family.name] = {
-                "mean_steps": distributed.all_sum(steps, world) / n,
-                "converged_fraction": distributed.all_sum(converged, world) / n,
-                "mean_remaining": distributed.all_sum(remaining, world) / n,
-            }
-
+    seconds = {label: distributed.all_sum(cost, world) / n for label, cost in seconds.items()}
+    fit_stats = {
+        route.family.name: {
+            key: distributed.all_sum(total, world) / n
+            for key, total in zip(("mean_steps", "converged_fraction", "mean_remaining"),
+                                  route.sums, strict=True)  # fmt: skip
+        }
+        for route in routes
+        if isinstance(route, _Optimum)
+    }
     report = _summarise(
         per,
         encoder_family=family.name,
@@ -214,6 +174,54 @@ def gap_report(
     for message in report.warnings():
         warnings.warn(message, stacklevel=2)
     return report
+
+
+def _measure(model, x, routes, estimators, blocks, elbo_samples, seed, world):
+    """Every route's L[q] and every estimate of log p(x) on this process's blocks: (each
+    block's rows, on every process; seconds per cost label; the family log p(x) was
+    estimated from)."""
+    labels = [label for route in routes for label in route.labels()] + [e.name for e in estimators]
+    seconds = dict.fromkeys(labels, 0.0)
+    mine = {b: _Block(x[blocks[b]]) for b in range(world.rank, len(blocks), world.size)}
+    for b, block in mine.items():  # every route that needs no choice across blocks
+        with _block_stream(seed, b, 0, x.device):
+            for route in routes:
+                for where, label, lam, cost in route.lams(model, block):
+                    block.lam[where] = lam
+                    seconds[label] += cost
+                    with torch.no_grad():
+                        block.rows[where] = elbo(model, route.family, lam, block.x,
+                                                 elbo_samples, stderr=True)  # fmt: skip
+    # log p(x) from the best q* (highest mean L[q*] over all the data)
+    families = [route.family for route in routes if isinstance(route, _Optimum)]
+    local_bounds = _gather_blocks(
+        {b: {f.name: block.rows[_Optimum.where(f)][0] for f in families}
+         for b, block in mine.items()}, world,
+    )  # fmt: skip
+    best = max(families, key=lambda f: float(
+        torch.cat([local_bounds[b][f.name] for b in sorted(local_bounds)]).mean()))  # fmt: skip
+    for b, block in mine.items():
+        lam = block.lam[_Optimum.where(best)].detach()
+        with _block_stream(seed, b, 1, x.device), torch.no_grad():
+            for estimator in estimators:
+                start = time.perf_counter()
+                block.rows[("log_px", estimator.name)] = estimator(model, best, lam, block.x)
+                seconds[estimator.name] += time.perf_counter() - start
+    gathered = _gather_blocks({b: block.rows for b, block in mine.items()}, world)
+    return [gathered[b] for b in range(len(blocks))], seconds, best
+
+
+@contextlib.contextmanager
+def _evaluating(*modules: nn.Module):
+    """The modules in eval mode, then back in the modes they were in."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
 
 
 # What a report measures is held by where it goes: ("elbo_amortized", None),
