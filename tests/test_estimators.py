@@ -394,3 +394,61 @@ def test_bad_inputs_raise_value_error(lg, estimator):
         estimator(lg.model, family, lam, x, 0)  # samples=0 / k=0
     with pytest.raises(ValueError, match=">= 1"):
         estimator(lg.model, family, lam, x, -3)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "elbo"])
+def test_past_the_graph_limit_chunks_are_recomputed_with_the_same_values_and_gradients(
+    lg, estimator, monkeypatch
+):
+    """Under autograd, past GRAD_KEPT_ELEMENTS each chunk of samples is checkpointed: the
+    bound and its gradients (to lambda and to the model) are those of keeping every
+    chunk's graph, drawn from the same random numbers."""
+    family = DiagonalGaussian(3)
+    x = lg.sample_x(4, seed=0).to(DTYPE)
+    lam0 = family.prior_init(4, dtype=DTYPE) + 0.1
+
+    def run(limit):
+        monkeypatch.setattr(estimators, "GRAD_KEPT_ELEMENTS", limit)
+        lam = lam0.clone().requires_grad_(True)
+        lg.model.zero_grad()
+        torch.manual_seed(5)
+        if estimator == "iwae":
+            value, se = iwae_bound(lg.model, family, lam, x, 300, chunk_size=7, stderr=True)
+        else:
+            value, se = elbo(lg.model, family, lam, x, 300, chunk_size=7, stderr=True,
+                             analytic_kl=False)  # fmt: skip
+        value.sum().backward()
+        grads = [p.grad.clone() for p in lg.model.parameters() if p.grad is not None]
+        return value.detach(), se, lam.grad, grads, torch.get_rng_state()
+
+    kept, recomputed = run(10**12), run(1)
+    for a, b in zip(kept[:3], recomputed[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert kept[3] and len(kept[3]) == len(recomputed[3])
+    for a, b in zip(kept[3], recomputed[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.equal(kept[4], recomputed[4])  # the caller's random stream moved alike
+
+
+def test_past_the_graph_limit_the_graph_kept_does_not_grow_with_the_samples(lg, monkeypatch):
+    family = DiagonalGaussian(3)
+    x = lg.sample_x(4, seed=0).to(DTYPE)
+
+    def saved_bytes(k, chunk_size):
+        lam = (family.prior_init(4, dtype=DTYPE) + 0.1).requires_grad_(True)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            iwae_bound(lg.model, family, lam, x, k, chunk_size=chunk_size).sum().backward()
+        return total[0]
+
+    monkeypatch.setattr(estimators, "GRAD_KEPT_ELEMENTS", 1)
+    # 20 chunks of 10 or of 500 samples: only each chunk's (batch,) outputs are kept
+    few, many = saved_bytes(200, 10), saved_bytes(10_000, 500)
+    assert many == few
+    monkeypatch.setattr(estimators, "GRAD_KEPT_ELEMENTS", 10**12)
+    assert saved_bytes(10_000, 500) > 40 * many  # keeping every chunk's graph grows with k

@@ -382,6 +382,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
+            if abs(int(value)) >= 2**63:  # past any size a tensor can have
+                raise ValueError
             return int(value)
         if tp is float:
             if isinstance(value, bool):

@@ -8,6 +8,7 @@ bounded however many samples are asked for.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributions import (
     Normal,
     kl_divergence,
 )
+from torch.utils.checkpoint import checkpoint
 
 from .families import VariationalFamily
 from .model import LatentVariableModel
@@ -31,6 +33,10 @@ __all__ = ["elbo", "iwae_bound", "iwae_estimate", "kl_to_prior", "log_mean_weigh
 #: (2^21 floats, 8 MB) makes IWAE-5000 2.2x faster than one of 2^24 (benchmarks/log_px.py).
 MAX_CHUNK_ELEMENTS = 2**24
 CPU_CHUNK_ELEMENTS = 2**21
+#: Under autograd, every chunk's graph is kept for the backward pass; past this many
+#: elements of x in all (samples times x's size) each chunk is recomputed in the backward
+#: pass instead of kept (activation checkpointing), so memory stays one chunk's.
+GRAD_KEPT_ELEMENTS = 2**25
 
 
 def kl_to_prior(q: Distribution, prior: Distribution) -> Tensor | None:
@@ -62,6 +68,45 @@ def _chunks(total: int, x: Tensor, chunk_size: int | None) -> list[int]:
     if total % chunk_size:
         sizes.append(total % chunk_size)
     return sizes
+
+
+def _over_chunks(chunk, family: VariationalFamily, lam: Tensor, total: int, x: Tensor,
+                 chunk_size: int | None):  # fmt: skip
+    """``chunk(lam, size)`` for each chunk of ``total`` samples. Where autograd
+    would keep more than :data:`GRAD_KEPT_ELEMENTS` of graph, each chunk is checkpointed:
+    its graph is dropped and recomputed, from the same random draws, in the backward pass,
+    so memory no longer grows with the number of samples (the values and gradients are
+    the same)."""
+    sizes = _chunks(total, x, chunk_size)
+    keep_all = (len(sizes) == 1 or not torch.is_grad_enabled()
+                or total * x.numel() <= GRAD_KEPT_ELEMENTS)  # fmt: skip
+    for size in sizes:
+        if keep_all:
+            yield chunk(lam, size)
+        else:  # q is rebuilt from lam inside, so that the recomputation sees it as an input
+            def again(lam: Tensor, size: int = size):
+                _release_freed_memory()  # also before each recomputation in the backward pass
+                return chunk(lam, size, family.distribution(lam))
+
+            yield checkpoint(again, lam, use_reentrant=False, preserve_rng_state=True)
+
+
+def _release_freed_memory() -> None:
+    """Hand the pages of freed tensors back to the OS (glibc's ``malloc_trim``). A chunk's
+    graph is freed at once, but the small outputs kept between chunks pin the freed
+    space, so without this the process's resident memory still grows with the samples."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def _check(model: LatentVariableModel, family: VariationalFamily, lam: Tensor, x: Tensor):
@@ -106,7 +151,8 @@ def elbo(
     # For the standard error: sums of (term - shift) and its square, with shift the first
     # chunk's mean, so the variance does not cancel when |log p(x|z)| >> its spread.
     shift, dev, dev_sq = None, lam.new_zeros(lam.shape[0]), lam.new_zeros(lam.shape[0])
-    for size in _chunks(samples, x, chunk_size):
+
+    def chunk(lam: Tensor, size: int, q=q) -> tuple[Tensor, Tensor]:
         if size == 1:  # the same draw, but the decoder sees 2-d z: 6% faster training steps
             z = q.rsample().unsqueeze(0)  # (1, batch, D)
             terms = model.log_likelihood(x, z[0]).unsqueeze(0)  # (1, batch)
@@ -115,9 +161,11 @@ def elbo(
             terms = model.log_likelihood(x, z)  # (size, batch)
         if kl is None:
             terms = terms + beta * (model.prior.log_prob(z) - q.log_prob(z))
-        total = total + terms.sum(0)
+        return terms.sum(0), terms.detach()
+
+    for summed, t in _over_chunks(chunk, family, lam, samples, x, chunk_size):
+        total = total + summed
         if stderr:
-            t = terms.detach()
             shift = t.mean(0) if shift is None else shift
             dev, dev_sq = dev + (t - shift).sum(0), dev_sq + (t - shift).square().sum(0)
     value = total / samples
@@ -158,11 +206,16 @@ def iwae_bound(
     q = family.distribution(lam)
     lse = lam.new_full((lam.shape[0],), -math.inf)  # running log sum_i w_i, (batch,)
     lse_sq = lam.new_full((lam.shape[0],), -math.inf)  # running log sum_i w_i^2
-    for size in _chunks(k, x, chunk_size):
+
+    def chunk(lam: Tensor, size: int, q=q) -> tuple[Tensor, Tensor]:
         log_w = _log_weights(model, q, x, size, beta)  # (size, batch)
-        lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
+        square = torch.logsumexp(2 * log_w.detach(), dim=0) if stderr else None
+        return torch.logsumexp(log_w, dim=0), square
+
+    for part, square in _over_chunks(chunk, family, lam, k, x, chunk_size):
+        lse = torch.logaddexp(lse, part)
         if stderr:
-            lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w.detach(), dim=0))
+            lse_sq = torch.logaddexp(lse_sq, square)
     if not stderr:
         return lse - math.log(k)
     return log_mean_weight(lse, lse_sq, k)

@@ -4,13 +4,16 @@ Every report, table, figure and config the project writes goes through
 :func:`write_atomic`: the bytes go to a temporary file in the same directory, are flushed
 to disk, and the temporary file is renamed over the target (``os.replace`` is atomic on
 POSIX and Windows). A kill or a full disk midway leaves the previous file untouched and
-no temporary file behind.
+no temporary file behind (a kill of the whole process can leave one; the next holder of
+the directory's lock removes it). A symbolic link planted where an output goes is
+replaced, never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +25,8 @@ try:  # advisory locks; where the platform has none, directories go unlocked
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["atomic_file", "write_atomic", "check_writable", "lock_directory", "DirectoryBusy"]
+__all__ = ["atomic_file", "write_atomic", "check_writable", "lock_directory", "DirectoryBusy",
+           "open_for_append", "remove_stale_temporaries"]
 
 
 class DirectoryBusy(RuntimeError):
@@ -42,7 +46,12 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # over a symbolic link, this replaces the link, not its target
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:  # a failed write names no file: name the one it was for
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -76,17 +85,33 @@ def check_writable(path: str | Path, what: str = "output") -> None:
         raise ValueError(f"{what} {path}: directory {parent} is not writable")
 
 
+#: Directories this process holds (a study holds its run directory, and the training it
+#: runs takes the same lock again).
+_HELD: set[Path] = set()
+#: The temporary files :func:`atomic_file` makes: ``.{name}.{8 random characters}.tmp``.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 @contextlib.contextmanager
 def lock_directory(directory: str | Path) -> Iterator[None]:
     """Hold ``directory/.lock`` for the duration, or raise :class:`DirectoryBusy` naming
     the process that holds it: two runs writing one directory would interleave their
     metrics and overwrite each other's weights. The lock is the operating system's
-    (``flock``), so a killed holder releases it at once."""
-    path = Path(directory) / ".lock"
-    if fcntl is None:  # pragma: no cover
+    (``flock``), so a killed holder releases it at once. Taking it again in the process
+    that holds it is a no-op. Once it is held, the temporary files a killed writer left
+    there are removed: every writer of a run directory holds its lock, so none is live."""
+    key = Path(directory).resolve()
+    if key in _HELD or fcntl is None:
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = Path(directory) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            raise OSError(err.errno, "is a symbolic link; outputs never follow links: remove it",
+                          str(path)) from None  # fmt: skip
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -98,10 +123,36 @@ def lock_directory(directory: str | Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        _HELD.add(key)
+        remove_stale_temporaries(directory)
         try:
             yield
         finally:
+            _HELD.discard(key)
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_file` that a killed writer left in
+    ``directory`` (call it only while holding the directory's lock); returns them."""
+    stale = [p for p in Path(directory).glob(".*.tmp")
+             if _TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink()]  # fmt: skip
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def open_for_append(path: str | Path) -> BinaryIO:
+    """``path`` opened to append to, created if absent; a symbolic link there is refused
+    (an output never writes through a link planted in its directory)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if Path(path).is_symlink():
+            raise OSError(err.errno, "is a symbolic link; outputs never follow links: remove it",
+                          str(path)) from None  # fmt: skip
+        raise
+    return os.fdopen(fd, "ab")

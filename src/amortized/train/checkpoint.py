@@ -13,6 +13,9 @@ damage falls inside tensor data, which the file format itself would load without
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +63,10 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     with the digest of its contents."""
     path = Path(path)
     obj = {**obj, DIGEST_KEY: digest({k: v for k, v in obj.items() if k != DIGEST_KEY})}
+    buffer = io.BytesIO()  # serialised first: a full disk is then the OS's one clear error
+    torch.save(obj, buffer)
     with atomic_file(path) as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,10 +76,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message for it advises unsafe loading
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"{path} holds a pickled Python object ({found[1]}), which is never loaded "
+                "(unpickling can run code): it was not written by amortized"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be "
+                              "read (it does not unpickle as tensors and numbers)") from None
     except Exception as err:  # torch raises several types for damaged files
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt and cannot be read "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"({type(err).__name__}: {_first_line(err)})"
         ) from None
     if not isinstance(obj, dict) or "format" not in obj:
         raise CheckpointError(f"{path} is not an amortized checkpoint")
@@ -85,3 +99,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "them (the file was damaged after it was written)"
         )
     return obj
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""

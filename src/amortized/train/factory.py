@@ -8,7 +8,9 @@ Every choice a setting allows is checked here once, with one line naming the fie
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,12 +34,25 @@ OBJECTIVES = choices(TrainConfig, "objective")
 
 
 def parse_device(device: str) -> str:
-    """``device`` if torch names a device by it (cpu, cuda, cuda:1, mps, ...), else a
-    ConfigError naming the setting."""
+    """``device`` if it names a device this machine has (cpu, cuda, cuda:1, mps), else a
+    ConfigError saying what is wrong: a name torch does not know, or a GPU not here."""
     try:
-        torch.device(device)
+        where = torch.device(device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+            raise ConfigError(f"device {device}: no CUDA GPU is available here (torch "
+                              f"{torch.__version__}, {build}); use --device cpu")  # fmt: skip
+        if where.index is not None and where.index >= count:
+            raise ConfigError(f"device {device}: there is no such GPU here ({count} found, "
+                              f"cuda:0 to cuda:{count - 1})")  # fmt: skip
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device}: MPS is not available here; use --device cpu")
+    elif where.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
     return device
 
 
@@ -108,7 +123,6 @@ def build(
     ``image_shape`` (height, width) is needed by the image networks (pixelcnn and conv).
     """
     validate(config)
-    family = FAMILIES[config.family](config.latent_dim)
     images = [f"the {config.decoder} decoder"] if config.decoder in ("pixelcnn", "conv") else []
     images += ["the conv encoder"] if config.encoder == "conv" else []
     if images and (
@@ -118,14 +132,70 @@ def build(
             f"{' and '.join(images)} needs images of shape (height, width); this data has "
             f"{data_dim} values per datapoint and image shape {image_shape}"
         )
+    check_size(config, data_dim, image_shape)
     try:  # a conv stage count that does not divide the image, ...
-        model = LatentVariableModel(_decoder(config, data_dim, image_shape), config.latent_dim)
-        encoder = route_for(config).build_encoder(
-            lambda: _encoder(config, data_dim, image_shape, family), model, family, data_dim
-        )
+        return _networks(config, data_dim, image_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _networks(config: TrainConfig, data_dim: int, image_shape
+              ) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:  # fmt: skip
+    family = FAMILIES[config.family](config.latent_dim)
+    model = LatentVariableModel(_decoder(config, data_dim, image_shape), config.latent_dim)
+    encoder = route_for(config).build_encoder(
+        lambda: _encoder(config, data_dim, image_shape, family), model, family, data_dim
+    )
     return model, encoder, family
+
+
+#: Bytes per parameter while training: float32 weights, gradients and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_size(config: TrainConfig, data_dim: int, image_shape=None) -> int:
+    """The number of parameters the config's networks have, counted on the meta device
+    (nothing allocated); a ConfigError if they cannot be built at all or if training them
+    would need more memory than the device has free. Returns the count."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        try:
+            modules = _networks(config, data_dim, image_shape)
+        except ValueError:
+            return 0  # a shape the real build names in its own message
+        except (RuntimeError, OverflowError, MemoryError, TypeError) as err:  # sizes too large
+            raise ConfigError(
+                "the networks this config describes cannot be built (latent_dim "
+                f"{config.latent_dim}, hidden {list(config.hidden)}): "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+    count = sum(t.numel() for m in modules if isinstance(m, nn.Module)
+                for t in (*m.parameters(), *m.buffers()))  # fmt: skip
+    need, free = count * TRAINING_BYTES_PER_PARAMETER, free_memory(config.device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"the networks have {count:,} parameters, about {need / 2**30:.1f} GiB to train "
+            f"with their gradients and Adam's moments, more than the {free / 2**30:.1f} GiB "
+            f"free on {config.device}: reduce latent_dim, hidden or the decoder's size"
+        )
+    return count
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes of memory free on ``device`` (the host's available memory for the CPU), or
+    None where it cannot be told."""
+    where = torch.device(device)
+    if where.type == "cuda":
+        return torch.cuda.mem_get_info(where)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _decoder(config: TrainConfig, data_dim: int, image_shape) -> nn.Module:

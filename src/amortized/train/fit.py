@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..files import write_atomic
+from ..files import open_for_append, write_atomic
 from ..nets.layers import adam
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 
@@ -91,8 +91,8 @@ def fit_epochs(
                              if k in ("valid_elbo", "best_valid_elbo")})  # fmt: skip
         if not write:
             continue
-        with metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open_for_append(metrics) as f:
+            f.write((json.dumps(record) + "\n").encode())
         save_atomic({"format": checkpoint_format, **trainer.state()}, checkpoint)
     bar.close()
 

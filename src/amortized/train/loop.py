@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
-from ..config import ConfigError, TrainConfig, save_config, to_dict
+from ..config import ConfigError, TrainConfig, load_config, save_config, to_dict
 from ..data import Dataset, binarize, load_dataset
 from ..data.splits import evaluation_subset, prepare_split
 from ..estimators import elbo, iwae_bound, kl_to_prior
@@ -239,6 +239,7 @@ class _VAEEpochs:
         self.steps_per_epoch = math.ceil(train_x.shape[0] / config.batch_size)
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -math.inf, 0
         self.aggressive, self.last_mi = config.aggressive, -math.inf  # He et al.'s switch
+        self.warned_collapse = False  # once a run (again after a resume at most)
         self.best_state = {"model": _clone_state(model), "encoder": _clone_state(encoder)}
 
     def done(self) -> bool:
@@ -345,9 +346,12 @@ class _VAEEpochs:
             "seconds": time.perf_counter() - start,
         }
         if self.diagnostics_x is not None and world.main:
-            # a decoder cut off from z collapses the code by design: logged, not warned of
+            # warned of once, after the KL warm-up (during it a small KL is the schedule's
+            # doing); a decoder cut off from z collapses the code by design: logged only
+            warn = config.decoder_uses_z and beta >= 1.0 and not self.warned_collapse
             record.update(_latent_record(model, encoder, self.family, self.diagnostics_x,
-                                         self.epoch, warn=config.decoder_uses_z))  # fmt: skip
+                                         self.epoch, warn=warn))  # fmt: skip
+            self.warned_collapse |= warn and record["collapsing"]
         if config.aggressive:
             record.update(aggressive=self.aggressive, encoder_steps=encoder_steps)
             if self.aggressive and record["mutual_information"] <= self.last_mi:
@@ -436,7 +440,13 @@ def _holds_another_run(run_dir: Path, config: TrainConfig) -> bool:
     if model.exists():  # a finished run: ours only if its config is
         saved = load_checkpoint(model)["config"]
         return _identity(_completed(saved)) != _identity(to_dict(config))
-    return (run_dir / "metrics.jsonl").exists()  # epochs logged, and nothing to resume them
+    if not (run_dir / "metrics.jsonl").exists():
+        return False
+    try:  # epochs logged and nothing to resume them: ours if its config.toml is ours
+        saved = to_dict(load_config(TrainConfig, run_dir / "config.toml"))
+    except ConfigError:
+        return True
+    return _identity(_completed(saved)) != _identity(to_dict(config))
 
 
 def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset | None
@@ -454,12 +464,7 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
             f"{run_dir} holds a run with a different config; resume it with the same settings "
             "or choose another --run-dir"
         )
-    if world.main:
-        save_config(config, run_dir / "config.toml")
-
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is cuda but no CUDA GPU is available")
+    device = torch.device(config.device)  # one this machine has (validate checked)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
@@ -476,6 +481,8 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
     model, encoder, family = build(config, dataset.data_dim, dataset.image_shape)
     model.to(device)
     encoder.to(device)
+    if world.main:  # once the data have loaded and the networks are built
+        save_config(config, run_dir / "config.toml")
     run = _VAEEpochs(config, model, encoder, family, route, world, device, train_x, valid_x,
                      dynamic, diagnostics_x)  # fmt: skip
     fit_epochs(run, run_dir, checkpoint_format=CHECKPOINT_FORMAT, write=world.main,
