@@ -17,7 +17,7 @@ import torch
 
 from amortized.apps.cli import main
 from amortized.config import ConfigError, TrainConfig
-from amortized.data import load_dataset
+from amortized.data import DataError, load_dataset
 from amortized.files import (
     lock_directory,
     open_for_append,
@@ -208,3 +208,31 @@ def test_a_fresh_write_after_a_kill_is_complete(tmp_path):
     assert (tmp_path / "x.json").read_text() == "{}"
     assert os.listdir(tmp_path) == ["x.json"]
     assert resource.getrlimit(resource.RLIMIT_FSIZE)  # the limit used above exists here
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_arrays_too_large_for_memory_are_refused_from_their_headers(tmp_path, suffix,
+                                                                    monkeypatch):  # fmt: skip
+    """A compressed file is sized from its .npy headers before anything is decompressed:
+    10,000 x 784 zeros are 40 KB stored and 31 MB as float32."""
+    import amortized.data.arrays as arrays
+
+    path = tmp_path / f"zeros{suffix}"
+    zeros = np.zeros((10_000, 784), np.float32)
+    if suffix == ".npz":
+        np.savez_compressed(path, train=zeros, test=zeros[:10])
+        assert path.stat().st_size < 200_000
+    else:
+        np.save(path, zeros)
+    stored = arrays.stored_arrays(path)
+    assert stored[next(iter(stored))] == ((10_000, 784), np.dtype(np.float32))
+    monkeypatch.setattr(arrays, "free_memory", lambda device: 20 * 2**20)  # 20 MiB free
+
+    def never(*args, **kwargs):
+        raise AssertionError("the arrays were loaded before their size was checked")
+
+    monkeypatch.setattr(np, "load", never)
+    with pytest.raises(DataError, match=rf"zeros{suffix}: its arrays would take 0.\d GiB"):
+        load_dataset(str(path))
+    monkeypatch.undo()
+    assert load_dataset(str(path)).train.shape[1] == 784  # with the memory, it loads

@@ -2,20 +2,69 @@
 
 from __future__ import annotations
 
+import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..memory import free_memory, gib
 from .core import DataError, Dataset, _split_indices, binarization_of, check_data, image_shape_of
 
-__all__ = ["load_user_arrays"]
+__all__ = ["load_user_arrays", "stored_arrays"]
+
+#: Bytes in memory per stored byte and per element while loading: the stored array, and
+#: its float32 copy.
+FLOAT32_BYTES = 4
+
+
+def stored_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The shape and dtype of every array in a ``.npy`` or ``.npz`` file, from their
+    headers alone: nothing is decompressed or loaded. ``{}`` where a header cannot be
+    read (the load itself then names the problem)."""
+    def header(f) -> tuple[tuple[int, ...], np.dtype]:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)  # fmt: skip
+        shape, _, dtype = read(f)
+        return tuple(shape), dtype
+
+    try:
+        if path.suffix.lower() == ".npy":
+            with path.open("rb") as f:
+                return {"data": header(f)}
+        with zipfile.ZipFile(path) as archive:
+            found = {}
+            for name in archive.namelist():
+                if name.endswith(".npy"):
+                    with archive.open(name) as f:
+                        found[name[: -len(".npy")]] = header(f)
+            return found
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return {}
+
+
+def _check_expanded_size(path: Path) -> None:
+    """Refuse, before anything is decompressed, arrays that would not fit in memory."""
+    arrays = stored_arrays(path)
+    sizes = {key: math.prod(shape) * (dtype.itemsize + FLOAT32_BYTES)
+             for key, (shape, dtype) in arrays.items()}  # fmt: skip
+    need, free = sum(sizes.values()), free_memory("cpu")
+    if free is not None and need > free:
+        largest = max(sizes, key=sizes.get)
+        raise DataError(
+            f"{path}: its arrays would take {gib(need)} of memory once loaded ({largest}: "
+            f"shape {arrays[largest][0]}, {arrays[largest][1]}), more than the {gib(free)} "
+            "free; use a smaller file, or a directory of .npy splits, which are memory-mapped"
+        )
 
 
 def load_user_arrays(path: Path) -> Dataset:
     """Load ``.npy``/``.npz`` arrays as a :class:`Dataset` (see :func:`load_dataset`)."""
     if not path.is_file():
         raise DataError(f"no such file: {path}")
+    _check_expanded_size(path)
     try:
         if path.suffix.lower() == ".npy":
             arrays = {"data": np.load(path, allow_pickle=False)}

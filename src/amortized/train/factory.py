@@ -8,9 +8,7 @@ Every choice a setting allows is checked here once, with one line naming the fie
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +16,7 @@ from torch import nn
 from ..config import ConfigError, TrainConfig, check_fields, choices
 from ..families import FAMILIES, VariationalFamily
 from ..inference.routes import ROUTES, route_for
+from ..memory import free_memory, gib
 from ..model import LatentVariableModel
 from ..nets.autoregressive import MADEDecoder, WithoutLatent
 from ..nets.conv import ConvDecoder, ConvEncoder
@@ -173,29 +172,11 @@ def check_size(config: TrainConfig, data_dim: int, image_shape=None) -> int:
     need, free = count * TRAINING_BYTES_PER_PARAMETER, free_memory(config.device)
     if free is not None and need > free:
         raise ConfigError(
-            f"the networks have {count:,} parameters, about {need / 2**30:.1f} GiB to train "
-            f"with their gradients and Adam's moments, more than the {free / 2**30:.1f} GiB "
-            f"free on {config.device}: reduce latent_dim, hidden or the decoder's size"
+            f"the networks have {count:,} parameters, about {gib(need)} to train with their "
+            f"gradients and Adam's moments, more than the {gib(free)} free on "
+            f"{config.device}: reduce latent_dim, hidden or the decoder's size"
         )
     return count
-
-
-def free_memory(device: str) -> int | None:
-    """Bytes of memory free on ``device`` (the host's available memory for the CPU), or
-    None where it cannot be told."""
-    where = torch.device(device)
-    if where.type == "cuda":
-        return torch.cuda.mem_get_info(where)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _decoder(config: TrainConfig, data_dim: int, image_shape) -> nn.Module:
