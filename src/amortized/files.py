@@ -12,11 +12,13 @@ replaced, never written through.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,7 +28,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = ["atomic_file", "write_atomic", "check_writable", "lock_directory", "DirectoryBusy",
-           "open_for_append", "remove_stale_temporaries"]
+           "open_for_append", "remove_stale_temporaries", "Stages"]
 
 
 class DirectoryBusy(RuntimeError):
@@ -156,3 +158,57 @@ def open_for_append(path: str | Path) -> BinaryIO:
                           str(path)) from None  # fmt: skip
         raise
     return os.fdopen(fd, "ab")
+
+
+class Stages:
+    """Which outputs of a run directory are finished, and for which settings
+    (``stages.json``: the settings' key and the finished files' names).
+
+    Opened with a key that differs from the one recorded, or in a directory holding
+    outputs (files matching ``outputs``) that no record vouches for, it first moves those
+    into ``replaced/N/`` (N = 1, 2, ...) with a note saying why, and records the new key.
+    Hold the directory's lock while using it.
+    """
+
+    FILE = "stages.json"
+
+    def __init__(self, run_dir: str | Path, key: str, outputs: Sequence[str]):
+        run_dir = Path(run_dir)
+        self.run_dir, self.key, self.path, self.outputs = run_dir, key, run_dir / self.FILE, outputs
+        try:
+            record = json.loads(self.path.read_text())
+            done = list(record["done"]) if record["key"] == key else None
+        except (OSError, ValueError, KeyError, TypeError):
+            record, done = None, None
+        if done is None:
+            self._set_aside(record.get("key") if isinstance(record, dict) else None)
+            done = []
+        self.done = done
+        self._save()
+
+    def finished(self, name: str) -> bool:
+        return name in self.done and (self.run_dir / name).is_file()
+
+    def finish(self, name: str) -> None:
+        self.done.append(name)
+        self._save()
+
+    def _save(self) -> None:
+        write_atomic(self.path, json.dumps({"key": self.key, "done": self.done}, indent=2))
+
+    def _set_aside(self, old_key: str | None) -> None:
+        outputs = sorted({p for pattern in self.outputs for p in self.run_dir.glob(pattern)})
+        if not outputs:
+            return
+        n = 1
+        while (self.run_dir / "replaced" / str(n)).exists():
+            n += 1
+        aside = self.run_dir / "replaced" / str(n)
+        aside.mkdir(parents=True)
+        for path in outputs:
+            path.rename(aside / path.name)
+        why = (f"settings {old_key}" if old_key else "settings no record vouches for")
+        write_atomic(aside / "WHY.txt", f"Outputs of a study with {why}, set aside when one "
+                     f"with settings {self.key} began in {self.run_dir}.\n")  # fmt: skip
+        warnings.warn(f"{self.run_dir} held outputs of other settings; they were moved to "
+                      f"{aside}", stacklevel=3)  # fmt: skip

@@ -171,7 +171,7 @@ def _gap(args: argparse.Namespace) -> None:
 
     from .. import distributed
     from ..data import load_dataset
-    from ..files import check_writable
+    from ..files import check_writable, lock_directory
     from ..train import evaluation_subset, load_run, prepare_split
     from ..train.factory import parse_device
     from .study import check_gap_config, measure_gaps
@@ -189,10 +189,12 @@ def _gap(args: argparse.Namespace) -> None:
     dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
     x = prepare_split(dataset, config.split, trained.config.likelihood)
     x = evaluation_subset(x, config.max_points)
-    report = measure_gaps(trained, x.to(device), config, args.progress and world.main, world)
-    distributed.finish(world)
+    with lock_directory(args.run_dir) if world.main else contextlib.nullcontext():
+        report = measure_gaps(trained, x.to(device), config, args.progress and world.main, world)
+        distributed.finish(world)
+        if world.main:
+            report.to_json(output)
     if world.main:
-        report.to_json(output)
         print(report.table())
         print(report.convergence())
         print(f"\nwrote {output}")

@@ -47,7 +47,7 @@ from ..config import (
 )
 from ..data import Dataset, load_dataset
 from ..estimators import elbo, iwae_bound
-from ..files import write_atomic
+from ..files import lock_directory, write_atomic
 from ..measure.diagnostics import collapse_warning, latent_diagnostics
 from ..nets.vqvae import VQVAE, CodePrior, codebook_perplexity
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
@@ -194,6 +194,11 @@ def run_collapse_study(
     validate(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_directory(run_dir):  # each row's training holds its own directory too
+        return _collapse_in(config, run_dir, dataset)
+
+
+def _collapse_in(config: CollapseConfig, run_dir: Path, dataset: Dataset | None) -> dict:
     save_config(config, run_dir / "config.toml")
     start = time.perf_counter()
     shared = config.train

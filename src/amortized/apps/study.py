@@ -8,6 +8,7 @@ arrays) and the PNG figures the report shows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -27,10 +28,11 @@ from .. import __version__, distributed
 from ..config import GapConfig, StudyConfig, check_fields, to_dict
 from ..data import load_dataset
 from ..families import FAMILIES
-from ..files import write_atomic
+from ..files import Stages, lock_directory, write_atomic
 from ..measure.gaps import gap_report
 from ..measure.report import GapReport, PerDatapoint, Rows, difference
 from ..train import Trained, evaluation_subset, prepare_split, read_metrics, train
+from ..train import validate as validate_training
 from .plots import (
     plot_bound_against_cost,
     plot_gap_bars,
@@ -92,24 +94,48 @@ def measure_gaps(
 
 
 def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume), measure gaps on a training subset and the test split, report."""
+    """Train (or resume), measure gaps on a training subset and the test split, report.
+
+    The run directory is held for the whole study (:func:`amortized.files.lock_directory`).
+    Each gap report, once written, is a finished stage (``stages.json``): a rerun with the
+    same settings and model reads it back instead of measuring it again. A rerun with other
+    settings first moves every output of the earlier ones into ``replaced/N/``, so that no
+    file of one setting ever sits beside those of another.
+    """
     run_dir = Path(run_dir)
     check_fields(config)  # train_subset, and the training and gap settings' own
     check_gap_config(config.gap)
+    validate_training(config.train)  # before the directory is made or held
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_directory(run_dir):
+        return _study_in(config, run_dir)
+
+
+def _study_in(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    progress = config.train.progress
     dataset = load_dataset(config.train.dataset, config.train.data_dir or None)
+    _phase(progress, f"training on {dataset.name} ({len(dataset.train)} images)")
     trained = train(config.train, run_dir, dataset=dataset)
     train_seconds = time.perf_counter() - started
     device = next(trained.model.parameters()).device
     likelihood = config.train.likelihood
+    stages = Stages(run_dir, _study_key(config, trained), STUDY_OUTPUTS)
 
     reports: dict[str, GapReport] = {}
     test_x = prepare_split(dataset, "test", likelihood)
     test_x = evaluation_subset(test_x, config.gap.max_points)
     train_x = evaluation_subset(prepare_split(dataset, "train", likelihood), config.train_subset)
     for split, x in (("train", train_x), ("test", test_x)):
-        reports[split] = measure_gaps(trained, x.to(device), config.gap, config.train.progress)
-        reports[split].to_json(run_dir / f"gaps_{split}.json")
+        path = run_dir / f"gaps_{split}.json"
+        if stages.finished(path.name):
+            reports[split] = GapReport.from_json(path)
+            _phase(progress, f"gaps on the {split} split: read back, measured before")
+            continue
+        _phase(progress, f"measuring the gaps on {len(x)} {split} images")
+        reports[split] = measure_gaps(trained, x.to(device), config.gap, progress)
+        reports[split].to_json(path)
+        stages.finish(path.name)
 
     metrics = read_metrics(run_dir)  # [] when no epoch ran (--epochs 0)
     figures = _figures(trained, reports, metrics, test_x, run_dir)
@@ -138,6 +164,31 @@ def run_study(config: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     write_atomic(run_dir / "report.md", _report(config, results, reports))
     return results
+
+
+#: What a study writes beside the training run: set aside when the settings change.
+STUDY_OUTPUTS = ("gaps_train.json", "gaps_test.json", "report.md", "results.json", "*.png")
+
+
+def _phase(progress: bool, what: str) -> None:
+    """Name the phase that starts, between the progress bars."""
+    if progress:
+        print(f"amortized study: {what}", file=sys.stderr, flush=True)
+
+
+def _study_key(config: StudyConfig, trained: Trained) -> str:
+    """What a study's outputs depend on: its settings (not whether bars are shown) and the
+    trained weights."""
+    settings = to_dict(config)
+    settings["train"].pop("progress")
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for module in (trained.model, trained.encoder):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 
 
 def _latent_summary(metrics: list[dict], points: int) -> dict[str, Any] | None:
