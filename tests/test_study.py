@@ -102,3 +102,22 @@ def test_a_study_whose_device_is_missing_writes_nothing(tiny_npz, tmp_path):
     with pytest.raises(ValueError, match="no CUDA GPU"):
         run_study(replace(config, train=replace(config.train, device="cuda")), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_model_still_improving_when_its_epochs_ran_out_is_flagged(tiny_npz, tmp_path):
+    from amortized.train import read_metrics
+
+    run_study(_config(tiny_npz), tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    report = (tmp_path / "run" / "report.md").read_text()
+    rising = metrics[-1]["valid_elbo"] > metrics[-2]["valid_elbo"]
+    assert (results["training"]["still_rising"] is not None) == rising
+    assert ("may be undertrained" in report) == rising
+    assert study_module._still_rising(metrics, epochs=5) is None  # it stopped early
+    falling = [{"valid_elbo": -90.0, "best_valid_elbo": -90.0},
+               {"valid_elbo": -91.0, "best_valid_elbo": -90.0}]
+    assert study_module._still_rising(falling, epochs=2) is None
+    rising_two = [{"valid_elbo": -91.0, "best_valid_elbo": -91.0},
+                  {"valid_elbo": -90.0, "best_valid_elbo": -90.0}]
+    assert study_module._still_rising(rising_two, epochs=2) == pytest.approx(1.0)

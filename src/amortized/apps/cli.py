@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import sys
 import typing
 import warnings
@@ -235,8 +236,32 @@ def _plain_warnings() -> Iterator[None]:
         warnings.showwarning = show
 
 
+def _show_progress_lines() -> None:
+    """The package's progress lines (resuming, phases, how data are read) on stderr, one
+    line each; a library user sees them only by configuring ``logging``."""
+    logger = logging.getLogger("amortized")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("amortized: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+class _Stderr(logging.StreamHandler):
+    """Lines to ``sys.stderr`` as it is when each is written (not when made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _show_progress_lines()
     commands = {
         "study": _study,
         "train": _train,

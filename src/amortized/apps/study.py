@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import platform
 import shlex
@@ -43,6 +44,8 @@ from .plots import (
 )
 
 __all__ = ["run_study", "measure_gaps"]
+
+log = logging.getLogger(__name__)  # shown by the command line; silent in a library
 
 
 def check_gap_config(gap: GapConfig) -> None:
@@ -115,7 +118,7 @@ def _study_in(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     progress = config.train.progress
     dataset = load_dataset(config.train.dataset, config.train.data_dir or None)
-    _phase(progress, f"training on {dataset.name} ({len(dataset.train)} images)")
+    log.info("training on %s (%d images)", dataset.name, len(dataset.train))
     trained = train(config.train, run_dir, dataset=dataset)
     train_seconds = time.perf_counter() - started
     device = next(trained.model.parameters()).device
@@ -130,9 +133,9 @@ def _study_in(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
         path = run_dir / f"gaps_{split}.json"
         if stages.finished(path.name):
             reports[split] = GapReport.from_json(path)
-            _phase(progress, f"gaps on the {split} split: read back, measured before")
+            log.info("gaps on the %s split: read back, measured before", split)
             continue
-        _phase(progress, f"measuring the gaps on {len(x)} {split} images")
+        log.info("measuring the gaps on %d %s images", len(x), split)
         reports[split] = measure_gaps(trained, x.to(device), config.gap, progress)
         reports[split].to_json(path)
         stages.finish(path.name)
@@ -155,6 +158,7 @@ def _study_in(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
             "latent": _latent_summary(
                 metrics, min(config.train.diagnostics_points, len(dataset.valid))
             ),
+            "still_rising": _still_rising(metrics, config.train.epochs),
         },
         "gaps": {split: r.to_dict(per_datapoint=False) for split, r in reports.items()},
         "figures": figures,
@@ -170,12 +174,6 @@ def _study_in(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
 STUDY_OUTPUTS = ("gaps_train.json", "gaps_test.json", "report.md", "results.json", "*.png")
 
 
-def _phase(progress: bool, what: str) -> None:
-    """Name the phase that starts, between the progress bars."""
-    if progress:
-        print(f"amortized study: {what}", file=sys.stderr, flush=True)
-
-
 def _study_key(config: StudyConfig, trained: Trained) -> str:
     """What a study's outputs depend on: its settings (not whether bars are shown) and the
     trained weights."""
@@ -189,6 +187,15 @@ def _study_key(config: StudyConfig, trained: Trained) -> str:
     return h.hexdigest()[:16]
 
 
+
+
+def _still_rising(metrics: list[dict], epochs: int) -> float | None:
+    """The last epoch's gain in validation ELBO where training ran out of epochs while it
+    was still improving (the best epoch was the last): a sign of an undertrained model."""
+    if len(metrics) < 2 or len(metrics) < epochs:  # stopped early: it had stopped improving
+        return None
+    last, before = metrics[-1]["valid_elbo"], metrics[-2]["valid_elbo"]
+    return last - before if last >= metrics[-1]["best_valid_elbo"] and last > before else None
 
 
 def _latent_summary(metrics: list[dict], points: int) -> dict[str, Any] | None:
@@ -409,7 +416,12 @@ def _header(tc, results: dict[str, Any]) -> list[str]:
         f"Data: {data['train']} train / {data['valid']} valid / {data['test']} test, "
         f"binarization: {data['binarization']}.",
         "",
-    ]
+    ] + ([
+        f"**The model may be undertrained**: the validation ELBO still rose by "
+        f"{training['still_rising']:.2f} nats in the last epoch, which was the best; more "
+        "epochs (`--epochs`) would move every number below.",
+        "",
+    ] if training.get("still_rising") else [])  # fmt: skip
 
 
 def _gap_section(reports: dict[str, GapReport], fig: dict[str, str], gc: GapConfig) -> list[str]:

@@ -12,6 +12,7 @@ the trainer's state holds every random stream it draws from.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..files import open_for_append, write_atomic
 from ..nets.layers import adam
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 
+log = logging.getLogger(__name__)  # shown by the command line; silent in a library
 __all__ = ["Epochs", "fit", "fit_epochs", "read_metrics"]
 
 #: The checkpoint format of :func:`fit`'s runs.
@@ -79,6 +81,10 @@ def fit_epochs(
             trainer.load(state)
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"{checkpoint} does not match this model: {err}") from None
+        if write:
+            done = "finished" if trainer.done() else "resuming"
+            log.info("%s: %s after epoch %d%s", run_dir, done, trainer.epoch,
+                     f" of {total}" if total else "")  # fmt: skip
     if write:
         _truncate(metrics, trainer.epoch)
     bar = tqdm(total=total, initial=trainer.epoch, desc="train", leave=False,

@@ -18,6 +18,7 @@ Run directory layout::
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -51,6 +52,7 @@ class TrainingDiverged(RuntimeError):
     """Training left the finite numbers: most steps of an epoch failed, or weights did."""
 
 CHECKPOINT_FORMAT = "amortized-train-v1"
+log = logging.getLogger(__name__)  # shown by the command line; silent in a library
 
 
 def free_bits_kl(
@@ -470,6 +472,9 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
         torch.cuda.set_device(device)
     dataset = dataset or load_dataset(config.dataset, config.data_dir or None)
     dynamic = config.likelihood == "bernoulli" and dataset.binarization == "dynamic"
+    if dynamic and world.main:
+        log.info("%s holds grey levels in [0, 1]: the Bernoulli model sees them binarized, "
+                 "afresh at every training step and once, fixed, for evaluation", dataset.name)
     train_x = dataset.train if dynamic else prepare_split(dataset, "train", config.likelihood)
     train_x = train_x.to(device)
     valid_x = prepare_split(dataset, "valid", config.likelihood, config.seed).to(device)
