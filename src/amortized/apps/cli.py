@@ -73,8 +73,17 @@ def _apply(config: Any, args: argparse.Namespace) -> Any:
     return dataclasses.replace(config, **changes)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals as one line (``amortized train: error: ...``), not the
+    whole usage block; ``--help`` still shows it. Sub-commands' parsers are of this class."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amortized",
         description="Amortized variational inference, measured: train VAEs, decompose the "
         "inference gap, and report what amortization costs.",
