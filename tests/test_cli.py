@@ -201,3 +201,40 @@ def test_an_os_error_is_one_line_naming_the_path(tiny_npz, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"amortized train: error: {not_a_dir}: File exists"
+
+
+def test_the_command_line_says_what_it_is_doing(tiny_npz, tmp_path, capsys):
+    """Progress lines, also without progress bars: how grey levels are read, resuming or
+    finding a run finished, and the study's phases."""
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", str(tiny_npz), "--run-dir", str(run), "--latent-dim", "2",
+            "--hidden", "16", "--epochs", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "amortized: tiny.npz holds grey levels in [0, 1]: the Bernoulli model sees them " \
+           "binarized" in err  # fmt: skip
+    assert main(argv) == 0
+    assert f"amortized: {run}: finished after epoch 1 of 1" in capsys.readouterr().err
+    assert main(["study", "--dataset", str(tiny_npz), "--run-dir", str(tmp_path / "s"),
+                 "--train-subset", "20", *TINY]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    for phase in ("training on tiny.npz (200 images)", "measuring the gaps on 20 train images",
+                  "measuring the gaps on 40 test images"):  # fmt: skip
+        assert f"amortized: {phase}" in err, phase
+
+
+def test_each_command_s_help_shows_its_own_defaults(capsys):
+    from amortized.config import CollapseConfig, StudyConfig
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    gap = StudyConfig().gap
+    assert f"IWAE samples for log p(x) (default: {gap.iwae_k})" in text
+    assert f"max steps of per-datapoint VI (default: {gap.local_steps})" in text
+    assert "(default: 0,1,2,5,10,20,50,100)" in text
+    with pytest.raises(SystemExit):
+        main(["collapse", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {CollapseConfig().train.dataset!r})" in text
+    assert "--warmup-epochs" not in text and "--inference" not in text  # the remedies' own
