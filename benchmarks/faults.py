@@ -148,7 +148,10 @@ def _tiny(work: Path) -> Path:
 
 
 def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.strip().splitlines() if not line.startswith("amortized: ")]
+    """The error lines of a command's stderr: progress lines and warnings (``amortized: ...``
+    but not ``amortized: error: ...``) left out."""
+    return [line for line in stderr.strip().splitlines()
+            if not line.startswith("amortized: ") or line.startswith("amortized: error")]
 
 
 def full_disks(work: Path, n: int, rng: np.random.Generator) -> dict:
