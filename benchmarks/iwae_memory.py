@@ -35,7 +35,8 @@ start = time.perf_counter()
 value = E.iwae_bound(model, family, lam, x, k)
 value.sum().backward()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"| {k:,} | {'every chunk kept' if mode == 'keep' else 'default'} | {value.item():.4f} | {lam.grad.norm().item():.6f} | {peak:.0f} "
+graph = "every chunk kept" if mode == "keep" else "default"
+print(f"| {k:,} | {graph} | {value.item():.4f} | {lam.grad.norm().item():.6f} | {peak:.0f} "
       f"| {time.perf_counter() - start:.1f} |")
 """
 

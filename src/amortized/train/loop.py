@@ -18,6 +18,7 @@ Run directory layout::
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -496,6 +497,9 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
     model, encoder, best_state = run.model, run.encoder, run.best_state
     epoch, best = run.epoch, run.best
     distributed.assert_in_sync([model, encoder], world)
+    if world.size > 1:  # DDP's reducer goes before its process group does, not at exit
+        del run
+        gc.collect()
 
     model.load_state_dict(best_state["model"])
     encoder.load_state_dict(best_state["encoder"])
