@@ -72,7 +72,10 @@ class TrainConfig:
 
     dataset: str = field(
         default="mnist5k",
-        metadata=_help("mnist5k, binarized-mnist, or a path to a .npy/.npz file"),
+        metadata=_help(
+            "mnist5k, binarized-mnist, mnist, fashion-mnist, fashion-mnist-dynamic, or a path "
+            "to a .npy/.npz file or a directory of .npy splits"
+        ),
     )
     data_dir: str = field(default="", metadata=_help("directory with dataset files"))
     likelihood: Likelihood = field(default="bernoulli", metadata=_help("bernoulli or gaussian"))

@@ -145,9 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "download",
         help="download a dataset's files (needs a network)",
-        description="Download binarized MNIST (Larochelle & Murray) and verify its checksums.",
+        description="Download binarized MNIST (Larochelle & Murray), MNIST or Fashion-MNIST "
+        "and verify their checksums.",
     )
-    p.add_argument("dataset", choices=["binarized-mnist"])
+    p.add_argument("dataset", choices=["binarized-mnist", "mnist", "fashion-mnist"])
     p.add_argument("--data-dir", default=None, help="target directory")
     return parser
 
@@ -223,10 +224,14 @@ def _collapse(args: argparse.Namespace) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from ..data import default_data_dir, download_binarized_mnist
+    from ..data import default_data_dir, download_binarized_mnist, download_idx
 
-    path = download_binarized_mnist(args.data_dir or default_data_dir())
-    print(f"binarized MNIST is in {path}")
+    root = args.data_dir or default_data_dir()
+    if args.dataset == "binarized-mnist":
+        path = download_binarized_mnist(root)
+    else:
+        path = download_idx(args.dataset, root)
+    print(f"{args.dataset} is in {path}")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 r"""Datasets: load, check and binarize the data that models are fit to.
 
-Two datasets are built in (:data:`DATASETS`), and any ``.npy``/``.npz`` file of your own
+Five datasets are built in (:data:`DATASETS`), and any ``.npy``/``.npz`` file of your own
 loads the same way:
 
 * ``"mnist5k"``: the 5,000 real MNIST training digits (500 of each digit) that ship inside
@@ -15,6 +15,10 @@ loads the same way:
   ``binarized_mnist.npz`` or the three original ``.amat`` files in a data directory
   (:func:`default_data_dir`); :func:`download_binarized_mnist` fetches and checks the
   originals when the machine is online.
+* ``"mnist"``, ``"fashion-mnist"`` and ``"fashion-mnist-dynamic"``: all of MNIST (grey
+  levels, binarized dynamically, Burda et al.'s protocol) and Fashion-MNIST (thresholded
+  at 0.5 as in Cremer et al., or dynamic), 50,000/10,000/10,000, from their original idx
+  files checked by sha256 (:mod:`amortized.data.idx`).
 
 Every split is a ``(n, D)`` float32 tensor. Splits are fixed by constants in this file,
 never by a user's seed, so "the test set" means the same rows in every run. Data that enter
@@ -60,6 +64,7 @@ from .core import (
     fixed_binarization,
     image_shape_of,
 )
+from .idx import IDX_DATASETS, download_idx, load_idx_dataset
 from .mapped import MappedRows, load_mapped_directory
 from .mnist import (
     BINARIZED_MNIST_SHA256,
@@ -72,11 +77,11 @@ from .mnist import (
 
 __all__ = ["BINARIZED_MNIST_SHA256", "BINARIZED_MNIST_URL", "DATASETS", "DataError", "Dataset",
            "MappedRows", "binarization_of", "binarize", "check_data", "default_data_dir",
-           "download_binarized_mnist", "fixed_binarization", "image_shape_of", "load_dataset",
-           "load_mapped_directory"]  # fmt: skip
+           "download_binarized_mnist", "download_idx", "fixed_binarization", "image_shape_of",
+           "load_dataset", "load_mapped_directory"]  # fmt: skip
 
 #: Names :func:`load_dataset` knows besides paths to ``.npy``/``.npz`` files.
-DATASETS: tuple[str, ...] = ("mnist5k", "binarized-mnist")
+DATASETS: tuple[str, ...] = ("mnist5k", "binarized-mnist", *IDX_DATASETS)
 
 
 def load_dataset(
@@ -85,15 +90,17 @@ def load_dataset(
     """Load a dataset by name, or a user's ``.npy``/``.npz`` file, as fixed train/valid/test.
 
     Arguments:
-        name: ``"mnist5k"``, ``"binarized-mnist"``, a directory holding ``train.npy``,
-            ``valid.npy`` and ``test.npy`` (the training split is memory-mapped, not read:
-            :mod:`amortized.data.mapped`), or a path ending in ``.npy``/``.npz``.
+        name: ``"mnist5k"``, ``"binarized-mnist"``, ``"mnist"``, ``"fashion-mnist"``,
+            ``"fashion-mnist-dynamic"`` (:mod:`amortized.data.idx`), a directory holding
+            ``train.npy``, ``valid.npy`` and ``test.npy`` (the training split is
+            memory-mapped, not read: :mod:`amortized.data.mapped`), or a path ending in
+            ``.npy``/``.npz``.
             A ``.npz`` with arrays ``train`` and ``test`` (``valid`` optional: without it the
             last 10% of ``train`` becomes ``valid``), or a file with one array, split 80/10/10
             by a fixed permutation. Trailing dimensions are flattened, uint8 data with values
             above 1 are scaled by 1/255, and ``binarization`` is read off the values.
-        data_dir: Where ``"binarized-mnist"`` lives; :func:`default_data_dir` if None.
-        download: For ``"binarized-mnist"``: fetch the original files if they are missing.
+        data_dir: Where the named datasets' files live; :func:`default_data_dir` if None.
+        download: For the named datasets: fetch the original files if they are missing.
 
     Raises:
         DataError: unknown name, missing or malformed files (the message says what to do).
@@ -110,9 +117,11 @@ def load_dataset(
         return load_user_arrays(Path(name).expanduser())
     if name == "mnist5k":
         return _load_mnist5k()
+    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     if name == "binarized-mnist":
-        root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
         return _load_binarized_mnist(root, download=download)
+    if name in IDX_DATASETS:
+        return load_idx_dataset(name, root, download=download)
     raise DataError(
         f"unknown dataset {name!r}: known datasets are {', '.join(DATASETS)}, "
         "or give a path to your own .npy/.npz file"

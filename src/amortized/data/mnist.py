@@ -293,9 +293,11 @@ def download_binarized_mnist(data_dir: str | Path) -> Path:
     return root
 
 
-def _download_checked(url: str, target: Path, expected_sha256: str) -> None:
-    """Fetch ``url`` to a temporary file next to ``target``; rename it there if the sum matches."""
-    by_hand = (
+def _download_checked(url: str, target: Path, expected_sha256: str,
+                      by_hand: str | None = None) -> None:  # fmt: skip
+    """Fetch ``url`` to a temporary file next to ``target``; rename it there if the sum
+    matches. ``by_hand`` says how to install the file without a network."""
+    by_hand = by_hand or (
         f"to install by hand, copy {', '.join(_AMAT_NAMES.values())} "
         f"(or {_NPZ_NAME}) into {target.parent}"
     )
