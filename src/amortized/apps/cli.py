@@ -120,7 +120,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Decompose log p(x) - L[q] into approximation and amortization gaps for the "
         "model in RUN_DIR; prints a table and writes RUN_DIR/gaps_SPLIT.json.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `amortized train`")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None,
+                   help="a directory written by `amortized train` (or give --model)")  # fmt: skip
+    p.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                   help="your own model instead of a run: a function of the data's dimension "
+                   "returning (model, encoder, family), as my_pkg.my_module:build or "
+                   "path/to/file.py:build (see the README)")  # fmt: skip
+    p.add_argument("--weights", default=None, help="with --model: a .pt file holding "
+                   "{'model': state_dict, 'encoder': state_dict}")  # fmt: skip
+    p.add_argument("--dataset", default=None, help="with --model: the data (default: mnist5k)")
+    p.add_argument("--data-dir", default=None, help="with --model: where the data's files are")
+    p.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
+                   help="with --model: bernoulli binarizes grey levels once, fixed; gaussian "
+                   "keeps them (default: bernoulli)")  # fmt: skip
     p.add_argument("--config", default=None, help="GapConfig TOML file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -183,24 +195,40 @@ def _gap(args: argparse.Namespace) -> None:
     from .. import distributed
     from ..data import load_dataset
     from ..files import check_writable, lock_directory
-    from ..train import evaluation_subset, load_run, prepare_split
+    from ..train import Trained, evaluation_subset, load_run, prepare_split
     from ..train.factory import parse_device
     from .study import check_gap_config, measure_gaps
+    from .usermodel import load_user_model
 
     config = load_config(GapConfig, args.config) if args.config else GapConfig()
     config = _apply(config, args)
     check_gap_config(config)
     device = parse_device(args.device)
+    if (args.run_dir is None) == (args.model is None):
+        raise ConfigError("give a RUN_DIR written by `amortized train`, or --model (not both)")
+    if args.model is None and (args.weights or args.dataset or args.data_dir):
+        raise ConfigError("--weights, --dataset and --data-dir go with --model; a run "
+                          "directory knows its own")  # fmt: skip
     world = distributed.init(torch.device(device).type)  # torchrun: share the blocks
     if device.startswith("cuda") and world.size > 1:
         device = f"cuda:{world.local_rank}"
-    trained = load_run(args.run_dir, device=device)
-    output = Path(args.output or Path(args.run_dir) / f"gaps_{config.split}.json")
+    if args.model is None:
+        trained = load_run(args.run_dir, device=device)
+        dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
+        likelihood, home = trained.config.likelihood, Path(args.run_dir)
+    else:
+        dataset = load_dataset(args.dataset or "mnist5k", args.data_dir)
+        likelihood, home = args.likelihood, Path(".")
+    output = Path(args.output or home / f"gaps_{config.split}.json")
     check_writable(output, "--output" if args.output else "the report")  # before the work
-    dataset = load_dataset(trained.config.dataset, trained.config.data_dir or None)
-    x = prepare_split(dataset, config.split, trained.config.likelihood)
+    x = prepare_split(dataset, config.split, likelihood)
     x = evaluation_subset(x, config.max_points)
-    with lock_directory(args.run_dir) if world.main else contextlib.nullcontext():
+    if args.model is not None:
+        user = load_user_model(args.model, x, args.weights, device)
+        trained = Trained(user.model, user.encoder, user.family,
+                          TrainConfig(latent_dim=user.latent_dim), dataset.image_shape)  # fmt: skip
+    held = args.run_dir if args.model is None and world.main else None
+    with lock_directory(held) if held else contextlib.nullcontext():
         report = measure_gaps(trained, x.to(device), config, args.progress and world.main, world)
         distributed.finish(world)
         if world.main:
