@@ -725,3 +725,21 @@ def test_a_finished_run_without_its_checkpoint_is_never_replaced(tiny_data, tmp_
     assert len(read_metrics(tmp_path)) == 1
     train(config, tmp_path, dataset=tiny_data)  # the same run again: allowed, and the same
     assert _weights(tmp_path).keys() and len(read_metrics(tmp_path)) == 1
+
+
+def test_every_epoch_s_scalars_go_to_tensorboard_when_asked(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(**{**TINY, "epochs": 3, "tensorboard": True})
+    train(config, tmp_path, dataset=tiny_data)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    metrics = read_metrics(tmp_path)
+    for key in ("valid_elbo", "train_loss", "beta", "kl", "mutual_information"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in metrics], key
+    assert "kl_per_dim" not in events.Tags()["scalars"]  # lists are not scalars
+    # where TensorBoard is written is not what the run is: it resumes as the same run
+    again = train(replace(config, tensorboard=False), tmp_path, dataset=tiny_data)
+    assert again.run_dir == tmp_path and len(read_metrics(tmp_path)) == 3

@@ -190,6 +190,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same run"))
     device: str = field(default="cpu", metadata=_help("cpu, cuda, cuda:1, ..."))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    tensorboard: bool = field(
+        default=False,
+        metadata=_help("also write every epoch's scalars to RUN_DIR/tensorboard for "
+                       "TensorBoard (needs the tensorboard package)"),  # fmt: skip
+    )
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from ..files import open_for_append, write_atomic
 from ..nets.layers import adam
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
@@ -60,13 +61,16 @@ def fit_epochs(
     progress: bool = False,
     total: int | None = None,
     state: dict[str, Any] | None = None,
+    tensorboard: bool = False,
 ) -> None:
     """Run ``trainer``'s epochs in ``run_dir``, resuming from its checkpoint if present.
 
     ``write=False`` (every process of a distributed run but the first) reads the
     checkpoint but writes nothing. ``total`` epochs, if given, sizes the progress bar.
     ``state``: the checkpoint, where the caller has read it already (to check it before
-    anything is written), so that it is not read twice.
+    anything is written), so that it is not read twice. ``tensorboard``: also write every
+    record's numbers to ``run_dir/tensorboard`` (a resumed run drops the events of epochs
+    it redoes).
     """
     run_dir = Path(run_dir)
     checkpoint, metrics = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
@@ -87,6 +91,7 @@ def fit_epochs(
                      f" of {total}" if total else "")  # fmt: skip
     if write:
         _truncate(metrics, trainer.epoch)
+    scalars = _Scalars(run_dir, trainer.epoch) if write and tensorboard else None
     bar = tqdm(total=total, initial=trainer.epoch, desc="train", leave=False,
                disable=not progress)  # fmt: skip
     while not trainer.done():
@@ -100,7 +105,35 @@ def fit_epochs(
         with open_for_append(metrics) as f:
             f.write((json.dumps(record) + "\n").encode())
         save_atomic({"format": checkpoint_format, **trainer.state()}, checkpoint)
+        if scalars is not None:
+            scalars.add(record)
     bar.close()
+    if scalars is not None:
+        scalars.close()
+
+
+class _Scalars:
+    """Every record's numbers as TensorBoard scalars, one step per epoch."""
+
+    def __init__(self, run_dir: Path, resumed_at: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard = true needs the tensorboard package: "
+                              "pip install tensorboard") from None  # fmt: skip
+        # purge_step: events a killed run wrote past its checkpoint are dropped
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"),
+                                    purge_step=resumed_at + 1 if resumed_at else None)  # fmt: skip
+
+    def add(self, record: dict[str, Any]) -> None:
+        step = int(record.get("epoch", 0))
+        for key, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "epoch":
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _truncate(path: Path, epochs: int) -> None:

@@ -493,7 +493,7 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
                      dynamic, diagnostics_x)  # fmt: skip
     fit_epochs(run, run_dir, checkpoint_format=CHECKPOINT_FORMAT, write=world.main,
                progress=config.progress and world.main, total=config.epochs,
-               state=state)  # fmt: skip
+               state=state, tensorboard=config.tensorboard)  # fmt: skip
     model, encoder, best_state = run.model, run.encoder, run.best_state
     epoch, best = run.epoch, run.best
     distributed.assert_in_sync([model, encoder], world)

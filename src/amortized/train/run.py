@@ -37,7 +37,8 @@ def _completed(config: dict) -> dict:
 def _identity(config: dict) -> dict:
     """The settings that define a run's result (not where it runs, where its files are
     read from, or how verbosely)."""
-    return {k: v for k, v in config.items() if k not in ("device", "data_dir", "progress")}
+    shown = ("device", "data_dir", "progress", "tensorboard")  # where or how, not what
+    return {k: v for k, v in config.items() if k not in shown}
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
