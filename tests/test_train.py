@@ -743,3 +743,32 @@ def test_every_epoch_s_scalars_go_to_tensorboard_when_asked(tiny_data, tmp_path)
     # where TensorBoard is written is not what the run is: it resumes as the same run
     again = train(replace(config, tensorboard=False), tmp_path, dataset=tiny_data)
     assert again.run_dir == tmp_path and len(read_metrics(tmp_path)) == 3
+
+
+def test_gaps_over_training_are_the_gap_report_s_at_that_epoch(tiny_data, tmp_path):
+    """gap_every: the gaps logged at an epoch are gap_report's on the model of that epoch,
+    the same subsets and settings and seed; and training itself is unchanged by them."""
+    from amortized.measure.gaps import gap_report
+    from amortized.train import evaluation_subset, prepare_split
+    from amortized.train.loop import GAPS_OVER_TRAINING
+
+    config = TrainConfig(**{**TINY, "epochs": 3, "gap_every": 2, "gap_points": 20})
+    trained = train(config, tmp_path / "gaps", dataset=tiny_data)
+    train(replace(config, gap_every=0), tmp_path / "plain", dataset=tiny_data)
+    logged = read_metrics(tmp_path / "gaps")
+    assert [("gaps" in m) for m in logged] == [False, True, False]
+    without = [{k: v for k, v in m.items() if k not in ("gaps", "seconds")} for m in logged]
+    assert without == _metrics(tmp_path / "plain")  # the gaps cost time, not results
+    assert _weights(tmp_path / "gaps").keys() == _weights(tmp_path / "plain").keys()
+    # the model of epoch 2: the same run trained for 2 epochs, its last weights
+    two = train(replace(config, epochs=2), tmp_path / "two", dataset=tiny_data)
+    state = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    two.model.load_state_dict(state["model"])
+    two.encoder.load_state_dict(state["encoder"])
+    x = evaluation_subset(prepare_split(tiny_data, "valid", "bernoulli", 0), 20, 0)
+    report = gap_report(two.model, x, two.encoder, two.family, seed=0, **GAPS_OVER_TRAINING)
+    gaps = logged[1]["gaps"]["valid"]
+    assert gaps["amortization"] == report.amortization_gap.mean
+    assert gaps["approximation"] == report.approximation_gap["diagonal"].mean
+    assert set(logged[1]["gaps"]) == {"train", "valid"}
+    assert trained.run_dir == tmp_path / "gaps"

@@ -186,6 +186,14 @@ class TrainConfig:
     patience: int = field(
         default=20, metadata=_help("stop after this many epochs without validation gain", ge=1)
     )
+    gap_every: int = field(
+        default=0,
+        metadata=_help("every N epochs, measure the approximation and amortization gaps on "
+                       "fixed training and validation subsets (0: never)", ge=0),  # fmt: skip
+    )
+    gap_points: int = field(
+        default=100, metadata=_help("datapoints of each of those subsets", ge=2)
+    )
     valid_samples: int = field(default=10, metadata=_help("samples of the validation ELBO", ge=1))
     seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same run"))
     device: str = field(default="cpu", metadata=_help("cpu, cuda, cuda:1, ..."))

@@ -172,3 +172,23 @@ def plot_images(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: s
         axes[r, 0].set_title(label, fontsize=9, loc="left")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.35)
     return _save(fig, path, tight=False)
+
+
+def plot_gaps_over_training(metrics: Sequence[dict], path: str | Path) -> Path:
+    """The approximation and amortization gaps on the fixed training and validation
+    subsets at every epoch they were measured (``gap_every``), with their Monte Carlo
+    errors, as Cremer, Li & Duvenaud (2018) show them over training."""
+    measured = [m for m in metrics if "gaps" in m]
+    epochs = np.array([m["epoch"] for m in measured])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for split, style in (("train", "-"), ("valid", "--")):
+        for gap, color in (("approximation", "C0"), ("amortization", "C1")):
+            mean = np.array([m["gaps"][split][gap] for m in measured])
+            se = np.array([m["gaps"][split][f"{gap}_mc_se"] for m in measured])
+            ax.errorbar(epochs, mean, yerr=2 * se, fmt="o" + style, ms=3, color=color,
+                        capsize=2, label=f"{gap} gap, {split} subset")  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per datapoint (± 2 MC s.e.)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -38,6 +38,7 @@ from .plots import (
     plot_bound_against_cost,
     plot_gap_bars,
     plot_gap_histograms,
+    plot_gaps_over_training,
     plot_images,
     plot_latent_use,
     plot_training_curves,
@@ -230,6 +231,9 @@ def _figures(trained, reports, metrics, test_x, run_dir: Path) -> dict[str, str]
         ).name
     if metrics:
         figures["training"] = plot_training_curves(metrics, run_dir / "training.png").name
+        if any("gaps" in m for m in metrics):
+            figures["gaps_over_training"] = plot_gaps_over_training(
+                metrics, run_dir / "gaps_over_training.png").name  # fmt: skip
         if all("kl_per_dim" in m for m in metrics):
             figures["latent_use"] = plot_latent_use(metrics, run_dir / "latent_use.png").name
     if trained.image_shape:
@@ -395,6 +399,11 @@ def _report(config: StudyConfig, results: dict[str, Any], reports: dict[str, Gap
     ]
     if "training" in fig:
         lines += ["## Training", "", f"![training curves]({fig['training']})", ""]
+    if "gaps_over_training" in fig:
+        lines += ["## Gaps over training", "",
+                  f"Measured every {config.train.gap_every} epochs on {config.train.gap_points} "
+                  "fixed training and validation images each (IWAE-1000, q* by 500 steps).", "",
+                  f"![gaps over training]({fig['gaps_over_training']})", ""]  # fmt: skip
     if "latent_use" in fig:
         lines += _latent_use_section(results["training"]["latent"], fig)
     if "images" in fig:

@@ -125,12 +125,15 @@ class _Scalars:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"),
                                     purge_step=resumed_at + 1 if resumed_at else None)  # fmt: skip
 
-    def add(self, record: dict[str, Any]) -> None:
-        step = int(record.get("epoch", 0))
+    def add(self, record: dict[str, Any], prefix: str = "", step: int | None = None) -> None:
+        step = int(record.get("epoch", 0)) if step is None else step
         for key, value in record.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "epoch":
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+            if isinstance(value, dict):  # nested numbers (the gaps over training): key/sub
+                self.add(value, f"{prefix}{key}/", step)
+            elif isinstance(value, int | float) and not isinstance(value, bool) and key != "epoch":
+                self.writer.add_scalar(prefix + key, value, step)
+        if not prefix:
+            self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -38,6 +38,7 @@ from ..families import VariationalFamily
 from ..files import lock_directory
 from ..inference.routes import ROUTES, Amortized, Route, route_for
 from ..measure.diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
+from ..measure.gaps import gap_report
 from ..model import LatentVariableModel
 from ..nets.layers import adam
 from .checkpoint import load_checkpoint, save_atomic
@@ -53,6 +54,10 @@ class TrainingDiverged(RuntimeError):
     """Training left the finite numbers: most steps of an epoch failed, or weights did."""
 
 CHECKPOINT_FORMAT = "amortized-train-v1"
+#: What the gaps over training are measured with (``gap_every``): the study's estimates,
+#: smaller, on a few points; each measurement seeded by the run's seed.
+GAPS_OVER_TRAINING = {"iwae_k": 1000, "elbo_samples": 200,
+                      "local_kwargs": {"steps": 500, "lr": 0.02, "samples": 8}}  # fmt: skip
 log = logging.getLogger(__name__)  # shown by the command line; silent in a library
 
 
@@ -227,11 +232,13 @@ class _VAEEpochs:
     route's bounds, validation, early stopping, and the state that resumes them."""
 
     def __init__(self, config: TrainConfig, model, encoder, family, route, world, device,
-                 train_x: Tensor, valid_x: Tensor, dynamic: bool, diagnostics_x):  # fmt: skip
+                 train_x: Tensor, valid_x: Tensor, dynamic: bool, diagnostics_x,
+                 gap_x: dict[str, Tensor] | None = None):  # fmt: skip
         self.config, self.model, self.encoder, self.family = config, model, encoder, family
         self.route, self.world, self.device = route, world, device
         self.train_x, self.valid_x, self.dynamic = train_x, valid_x, dynamic
         self.diagnostics_x = diagnostics_x  # where the latent code's use is checked
+        self.gap_x = gap_x or {}  # split -> where the gaps are measured over training
         self.optimizer = adam([*model.parameters(), *encoder.parameters()], config.lr)
         self.bounds: nn.Module = _Bounds(config, model, encoder, family, route)
         if world.size > 1:  # averages the gradients of every backward pass across processes
@@ -355,12 +362,34 @@ class _VAEEpochs:
             record.update(_latent_record(model, encoder, self.family, self.diagnostics_x,
                                          self.epoch, warn=warn))  # fmt: skip
             self.warned_collapse |= warn and record["collapsing"]
+        if self.gap_x and self.epoch % config.gap_every == 0 and world.main:
+            record["gaps"] = self._gaps()
         if config.aggressive:
             record.update(aggressive=self.aggressive, encoder_steps=encoder_steps)
             if self.aggressive and record["mutual_information"] <= self.last_mi:
                 self.aggressive = False  # I(x; z) stopped rising: a plain VAE from here
             self.last_mi = record["mutual_information"]
         return record
+
+    def _gaps(self) -> dict[str, dict[str, float]]:
+        """The gaps of the model as it is now on the fixed subsets (:data:`GAPS_OVER_TRAINING`
+        settings, seeded, so training's random streams are untouched)."""
+        out = {}
+        for split, x in self.gap_x.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence notes belong to final reports
+                report = gap_report(self.model, x, self.encoder, self.family, seed=self.config.seed,
+                                    **GAPS_OVER_TRAINING)  # fmt: skip
+            out[split] = {
+                "log_px": report.log_px.mean,
+                "elbo_local": report.elbo_local[self.family.name].mean,
+                "elbo_amortized": report.elbo_amortized.mean,
+                "approximation": report.approximation_gap[self.family.name].mean,
+                "amortization": report.amortization_gap.mean,
+                "approximation_mc_se": report.approximation_gap[self.family.name].mc_se,
+                "amortization_mc_se": report.amortization_gap.mc_se,
+            }
+        return out
 
     def _check_diverged(self, skipped: int, taken: int) -> None:
         """Stop, before this epoch is saved, where most steps failed or a weight is no
@@ -483,6 +512,13 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
     if config.diagnostics_points and route.has_encoder:
         diagnostics_x = evaluation_subset(valid_x, config.diagnostics_points, config.seed)
 
+    gap_x = None  # where the gaps are measured every gap_every epochs
+    if config.gap_every and route.has_encoder:
+        fixed_train = prepare_split(dataset, "train", config.likelihood, config.seed)
+        gap_x = {"train": evaluation_subset(fixed_train, config.gap_points, config.seed),
+                 "valid": evaluation_subset(valid_x, config.gap_points, config.seed)}  # fmt: skip
+        gap_x = {split: x.to(device) for split, x in gap_x.items()}
+
     torch.manual_seed(config.seed)
     model, encoder, family = build(config, dataset.data_dim, dataset.image_shape)
     model.to(device)
@@ -490,7 +526,7 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
     if world.main:  # once the data have loaded and the networks are built
         save_config(config, run_dir / "config.toml")
     run = _VAEEpochs(config, model, encoder, family, route, world, device, train_x, valid_x,
-                     dynamic, diagnostics_x)  # fmt: skip
+                     dynamic, diagnostics_x, gap_x)  # fmt: skip
     fit_epochs(run, run_dir, checkpoint_format=CHECKPOINT_FORMAT, write=world.main,
                progress=config.progress and world.main, total=config.epochs,
                state=state, tensorboard=config.tensorboard)  # fmt: skip

@@ -37,7 +37,8 @@ def _completed(config: dict) -> dict:
 def _identity(config: dict) -> dict:
     """The settings that define a run's result (not where it runs, where its files are
     read from, or how verbosely)."""
-    shown = ("device", "data_dir", "progress", "tensorboard")  # where or how, not what
+    # where or how it runs, and what it measures on the side, not what it trains
+    shown = ("device", "data_dir", "progress", "tensorboard", "gap_every", "gap_points")
     return {k: v for k, v in config.items() if k not in shown}
 
 
