@@ -97,3 +97,25 @@ def test_weights_that_do_not_fit_and_mixed_arguments_are_one_line(tmp_path, caps
     assert "go with --model" in _error(capsys)
     with pytest.raises(ConfigError, match="expected module:function"):
         load_user_model("just_a_name", torch.zeros(2, 4))
+
+
+def test_a_study_of_one_s_own_model_measures_without_training(tmp_path, capsys):
+    x = evaluation_subset(prepare_split(load_dataset("mnist5k"), "test", "bernoulli"), 30)
+    torch.manual_seed(4)
+    user = load_user_model(f"{EXAMPLE}:build", x)
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": user.model.state_dict(), "encoder": user.encoder.state_dict()}, weights)
+    run = tmp_path / "study"
+    assert main(["study", "--model", f"{EXAMPLE}:build", "--weights", str(weights),
+                 "--run-dir", str(run), "--train-subset", "20", *GAP]) == 0  # fmt: skip
+    report = (run / "report.md").read_text()
+    assert f"Model: your own, `{EXAMPLE}:build`, weights {weights}; z in R^8." in report
+    assert not (run / "metrics.jsonl").exists() and not (run / "model.pt").exists()
+    test = json.loads((run / "gaps_test.json").read_text())
+    config = GapConfig(max_points=30, iwae_k=40, elbo_samples=10, local_steps=30,
+                       eval_batch_size=15, refine_steps=(0, 3))  # fmt: skip
+    trained = Trained(user.model, user.encoder, user.family, TrainConfig(latent_dim=8))
+    api = measure_gaps(trained, x, config, progress=False).to_dict()
+    assert json.dumps(test["per_datapoint"]) == json.dumps(api["per_datapoint"])
+    assert main(["study", "--weights", str(weights), "--run-dir", str(tmp_path / "x")]) == 2
+    assert "--weights goes with --model" in _error(capsys)

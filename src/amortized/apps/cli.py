@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/study-DATASET)")
     p.add_argument("--config", default=None, help="StudyConfig TOML file")
+    p.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                   help="measure your own model instead of training one (see `gap --model`)")
+    p.add_argument("--weights", default=None, help="with --model: its trained weights (.pt)")
     study = StudyConfig()
     _add_fields(p, study.train)
     _add_fields(p, study.gap, skip=("split",))
@@ -173,7 +176,9 @@ def _study(args: argparse.Namespace) -> None:
         _apply(config, args), train=_apply(config.train, args), gap=_apply(config.gap, args)
     )
     run_dir = Path(args.run_dir or f"runs/study-{Path(config.train.dataset).stem}")
-    results = run_study(config, run_dir)
+    if args.weights and not args.model:
+        raise ConfigError("--weights goes with --model")
+    results = run_study(config, run_dir, model=args.model, weights=args.weights)
     print((run_dir / "report.md").read_text().split("## Cost of inference")[0].rstrip())
     print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
           f"in {results['seconds']:.0f} s")  # fmt: skip

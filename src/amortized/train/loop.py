@@ -33,14 +33,18 @@ from .. import distributed
 from ..config import ConfigError, TrainConfig, load_config, save_config, to_dict
 from ..data import Dataset, binarize, load_dataset
 from ..data.splits import evaluation_subset, prepare_split
-from ..estimators import elbo, iwae_bound, kl_to_prior
-from ..families import VariationalFamily
 from ..files import lock_directory
-from ..inference.routes import ROUTES, Amortized, Route, route_for
-from ..measure.diagnostics import collapse_warning, kl_per_dimension, latent_diagnostics
+from ..inference.routes import ROUTES, route_for
+from ..measure.diagnostics import collapse_warning, latent_diagnostics
 from ..measure.gaps import gap_report
-from ..model import LatentVariableModel
 from ..nets.layers import adam
+from .bounds import (  # noqa: F401 - training_bounds, evaluate_elbo: the package's names
+    _Bounds,
+    _objective,
+    evaluate_elbo,
+    free_bits_kl,
+    training_bounds,
+)
 from .checkpoint import load_checkpoint, save_atomic
 from .factory import build, validate
 from .fit import fit_epochs
@@ -59,78 +63,6 @@ CHECKPOINT_FORMAT = "amortized-train-v1"
 GAPS_OVER_TRAINING = {"iwae_k": 1000, "elbo_samples": 200,
                       "local_kwargs": {"steps": 500, "lr": 0.02, "samples": 8}}  # fmt: skip
 log = logging.getLogger(__name__)  # shown by the command line; silent in a library
-
-
-def free_bits_kl(
-    model: LatentVariableModel, family: VariationalFamily, lam: Tensor, nats: float, mode: str
-) -> Tensor:
-    """Each row's KL with free bits (Kingma et al. 2016), ``(batch,)``.
-
-    The penalty is sum_j max(nats, mean over the minibatch of KL_j) over the latent
-    dimensions j (``mode="dimension"``), or max(nats, mean KL) (``"total"``): a group whose
-    minibatch-mean KL is below the floor costs the constant floor and gets no gradient.
-    Returned per row so that the mean over the minibatch is that penalty.
-    """
-    if mode == "dimension":
-        kl = kl_per_dimension(family, lam, model.prior)  # (batch, D)
-    else:
-        kl = kl_to_prior(family.distribution(lam), model.prior).unsqueeze(-1)  # (batch, 1)
-    free = kl.detach().mean(0) < nats  # (groups,)
-    return torch.where(free, torch.full_like(kl, nats), kl).sum(-1)
-
-
-def _objective(config: TrainConfig, model, family, lam, x, beta) -> Tensor:
-    """The per-row training bound at lam: ELBO (with free bits if set) or IWAE."""
-    if config.objective == "iwae":
-        return iwae_bound(model, family, lam, x, config.samples, beta=beta)
-    if config.free_bits == 0:
-        return elbo(model, family, lam, x, config.samples, beta=beta)
-    reconstruction = elbo(model, family, lam, x, config.samples, beta=0.0)
-    return reconstruction - beta * free_bits_kl(
-        model, family, lam, config.free_bits, config.free_bits_mode
-    )
-
-
-def training_bounds(
-    config: TrainConfig,
-    model: LatentVariableModel,
-    encoder: nn.Module,
-    family: VariationalFamily,
-    x: Tensor,
-    beta: float = 1.0,
-    route: Route | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The bounds, ``(batch,)`` each, whose gradients train the model and the encoder, as
-    the config's route (:mod:`amortized.inference.routes`) makes them from the config's objective.
-
-    The same tensor is returned twice where model and encoder share the objective.
-    ``route``, if given, is the config's route already made (the loop makes it once).
-    """
-
-    def bound(lam: Tensor) -> Tensor:
-        return _objective(config, model, family, lam, x, beta)
-
-    return (route or route_for(config)).bounds(model, encoder, family, x, bound, beta)
-
-
-def evaluate_elbo(
-    model,
-    encoder,
-    family,
-    x: Tensor,
-    samples: int = 10,
-    batch_size: int = 1000,
-    config: TrainConfig | None = None,
-) -> float:
-    """Mean ELBO over x of the encoder's q, or of the q a config's route computes."""
-    route = Amortized() if config is None else route_for(config)
-    total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
-        lam = route.lam(model, encoder, family, xb)
-        with torch.no_grad():
-            total += float(elbo(model, family, lam, xb, samples).sum())
-    return total / x.shape[0]
 
 
 #: He et al. (2019): at most this many encoder-only steps per decoder step, and the
@@ -157,20 +89,6 @@ def _aggressive_encoder_steps(config, model, encoder, family, optimizer, draw, b
                 return taken
             previous, window = current, []
     return AGGRESSIVE_MAX_STEPS
-
-
-class _Bounds(nn.Module):
-    """:func:`training_bounds` as a module over the model and the encoder, so that
-    DistributedDataParallel can wrap it and average their gradients."""
-
-    def __init__(self, config: TrainConfig, model, encoder, family, route: Route):
-        super().__init__()
-        self.config, self.model, self.encoder, self.family = config, model, encoder, family
-        self.route = route
-
-    def forward(self, x: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
-        return training_bounds(self.config, self.model, self.encoder, self.family, x, beta,
-                               route=self.route)  # fmt: skip
 
 
 def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, world) -> float:
