@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed or used
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..files import write_atomic  # noqa: E402
 
@@ -188,6 +189,7 @@ def plot_gaps_over_training(metrics: Sequence[dict], path: str | Path) -> Path:
             ax.errorbar(epochs, mean, yerr=2 * se, fmt="o" + style, ms=3, color=color,
                         capsize=2, label=f"{gap} gap, {split} subset")  # fmt: skip
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_ylabel("nats per datapoint (± 2 MC s.e.)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
