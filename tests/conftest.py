@@ -29,6 +29,21 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+    """200 / 50 / 40 images of mnist5k as a user's ``.npz``: the tiny data of the
+    command-line, fault and study tests."""
+    import numpy as np
+
+    from amortized.data import load_dataset
+
+    full = load_dataset("mnist5k")
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, train=full.train[:200].numpy(), valid=full.valid[:50].numpy(),
+             test=full.test[:40].numpy())  # fmt: skip
+    return path
+
+
 @pytest.fixture
 def best_diagonal_lam():
     """``(lg, x) -> lam``: DiagonalGaussian parameters of the best diagonal q for each row.

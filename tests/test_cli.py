@@ -11,23 +11,12 @@ import pytest
 
 import amortized
 from amortized.apps.cli import main
-from amortized.data import load_dataset
 
 TINY = [
     "--latent-dim", "2", "--hidden", "16", "--epochs", "2", "--no-progress",
     "--iwae-k", "20", "--elbo-samples", "10", "--local-steps", "20", "--eval-batch-size", "40",
 ]  # fmt: skip
 
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    full = load_dataset("mnist5k")
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(
-        path, train=full.train[:200].numpy(), valid=full.valid[:50].numpy(),
-        test=full.test[:40].numpy(),
-    )  # fmt: skip
-    return path
 
 
 @pytest.mark.parametrize("command", [[], ["study"], ["train"], ["gap"], ["collapse"], ["download"]])

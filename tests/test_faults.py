@@ -32,14 +32,6 @@ QUICK = ["--latent-dim", "2", "--hidden", "16", "--batch-size", "50", "--no-prog
          "--diagnostics-points", "20"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    full = load_dataset("mnist5k")
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, train=full.train[:200].numpy(), valid=full.valid[:50].numpy(),
-             test=full.test[:40].numpy())  # fmt: skip
-    return path
-
 
 def _one_line(capsys) -> str:
     """The one error line on stderr (progress lines, ``amortized: ...``, aside)."""

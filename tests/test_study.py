@@ -6,24 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 import amortized.apps.study as study_module
 from amortized.apps.study import run_study
 from amortized.config import GapConfig, StudyConfig, TrainConfig
-from amortized.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    full = load_dataset("mnist5k")
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, train=full.train[:200].numpy(), valid=full.valid[:50].numpy(),
-             test=full.test[:40].numpy())  # fmt: skip
-    return path
 
 
 def _config(data, **gap) -> StudyConfig:

@@ -29,12 +29,18 @@ def _error(capsys) -> str:
     return lines[0]
 
 
-def test_a_module_on_the_command_line_gives_the_python_api_s_report(tmp_path):
+def _example_with_weights(tmp_path, seed: int):
+    """30 test images, the example model built under ``seed``, and its weights saved."""
     x = evaluation_subset(prepare_split(load_dataset("mnist5k"), "test", "bernoulli"), 30)
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     user = load_user_model(f"{EXAMPLE}:build", x)
     weights = tmp_path / "weights.pt"
     torch.save({"model": user.model.state_dict(), "encoder": user.encoder.state_dict()}, weights)
+    return x, user, weights
+
+
+def test_a_module_on_the_command_line_gives_the_python_api_s_report(tmp_path):
+    x, user, weights = _example_with_weights(tmp_path, seed=3)
     out = tmp_path / "cli.json"
     assert main(["gap", "--model", f"{EXAMPLE}:build", "--weights", str(weights),
                  "--output", str(out), *GAP]) == 0  # fmt: skip
@@ -100,11 +106,7 @@ def test_weights_that_do_not_fit_and_mixed_arguments_are_one_line(tmp_path, caps
 
 
 def test_a_study_of_one_s_own_model_measures_without_training(tmp_path, capsys):
-    x = evaluation_subset(prepare_split(load_dataset("mnist5k"), "test", "bernoulli"), 30)
-    torch.manual_seed(4)
-    user = load_user_model(f"{EXAMPLE}:build", x)
-    weights = tmp_path / "weights.pt"
-    torch.save({"model": user.model.state_dict(), "encoder": user.encoder.state_dict()}, weights)
+    x, user, weights = _example_with_weights(tmp_path, seed=4)
     run = tmp_path / "study"
     assert main(["study", "--model", f"{EXAMPLE}:build", "--weights", str(weights),
                  "--run-dir", str(run), "--train-subset", "20", *GAP]) == 0  # fmt: skip

@@ -107,13 +107,7 @@ def lock_directory(directory: str | Path) -> Iterator[None]:
         yield
         return
     path = Path(directory) / ".lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as err:
-        if path.is_symlink():
-            raise OSError(err.errno, "is a symbolic link; outputs never follow links: remove it",
-                          str(path)) from None  # fmt: skip
-        raise
+    fd = _open_no_link(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,14 +144,18 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
 def open_for_append(path: str | Path) -> BinaryIO:
     """``path`` opened to append to, created if absent; a symbolic link there is refused
     (an output never writes through a link planted in its directory)."""
+    return os.fdopen(_open_no_link(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+
+
+def _open_no_link(path: Path, flags: int) -> int:
+    """``os.open`` that refuses a symbolic link at ``path``, naming it."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
     except OSError as err:
-        if Path(path).is_symlink():
+        if path.is_symlink():
             raise OSError(err.errno, "is a symbolic link; outputs never follow links: remove it",
                           str(path)) from None  # fmt: skip
         raise
-    return os.fdopen(fd, "ab")
 
 
 class Stages:
