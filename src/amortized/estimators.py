@@ -153,14 +153,14 @@ def elbo(
     shift, dev, dev_sq = None, lam.new_zeros(lam.shape[0]), lam.new_zeros(lam.shape[0])
 
     def chunk(lam: Tensor, size: int, q=q) -> tuple[Tensor, Tensor]:
-        if size == 1:  # the same draw, but the decoder sees 2-d z: 6% faster training steps
-            z = q.rsample().unsqueeze(0)  # (1, batch, D)
-            terms = model.log_likelihood(x, z[0]).unsqueeze(0)  # (1, batch)
-        else:
-            z = q.rsample((size,))  # (size, batch, D)
-            terms = model.log_likelihood(x, z)  # (size, batch)
+        # One draw is taken without a sample axis: the decoder sees 2-d z (6% faster
+        # training steps), and a flow's log q is read from the draw's own cache (a new
+        # tensor, such as z.unsqueeze(0), would have to be inverted, D passes for an IAF).
+        z = q.rsample() if size == 1 else q.rsample((size,))  # ([size,] batch, D)
+        terms = model.log_likelihood(x, z)  # ([size,] batch)
         if kl is None:
             terms = terms + beta * (model.prior.log_prob(z) - q.log_prob(z))
+        terms = terms.unsqueeze(0) if size == 1 else terms  # (size, batch)
         return terms.sum(0), terms.detach()
 
     for summed, t in _over_chunks(chunk, family, lam, samples, x, chunk_size):
