@@ -11,7 +11,10 @@ datapoint) that returns ``(model, encoder, family)``:
 - ``family``: a :class:`amortized.VariationalFamily` of the model's latent dimension
   (``DiagonalGaussian(latent_dim)``, a flow, or your own).
 
-The spec is ``module:function`` for an importable module, or ``path/to/file.py:function``.
+The spec is ``module:function`` for an importable module, or ``path/to/file.py:function``;
+``pythae:DIR`` loads a VAE that pythae saved in DIR (:func:`amortized.adapters.from_pythae`).
+A Pyro model and guide come in through ``build``: ``return from_pyro(vae.model, vae.guide,
+data_dim)`` (:func:`amortized.adapters.from_pyro`).
 ``--weights FILE.pt`` loads trained weights into them: a file holding
 ``{"model": model.state_dict(), "encoder": encoder.state_dict()}`` (tensors only; it is
 read with ``weights_only=True``). Everything that can go wrong in the user's code (an import
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +34,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..adapters import from_pythae, load_pythae
 from ..config import ConfigError
 from ..families import VariationalFamily
 from ..model import LatentVariableModel
 
 __all__ = ["UserModel", "load_user_model"]
+
+#: ``--model pythae:DIR``: a model saved by pythae (``model.save(DIR)``, or its trainer's
+#: ``final_model`` folder).
+PYTHAE = "pythae:"
 
 
 @dataclass
@@ -54,6 +63,30 @@ def load_user_model(spec: str, x: Tensor, weights: str | Path | None = None,
                     device: str = "cpu") -> UserModel:  # fmt: skip
     """Import ``spec`` (``module:function`` or ``file.py:function``), call it with the data's
     dimension, check what it returns against ``x`` (a few datapoints), load ``weights``."""
+    if spec.startswith(PYTHAE):
+        user = _pythae(spec, x, weights)
+    else:
+        user = _built(spec, x, weights)
+    user.model.to(device).eval()
+    user.encoder.to(device).eval()
+    _fits(spec, user, x[:2].to(device))
+    return user
+
+
+def _pythae(spec: str, x: Tensor, weights) -> UserModel:
+    """A pythae model folder (``pythae:DIR``), through :func:`amortized.adapters.from_pythae`."""
+    if weights is not None:
+        raise ConfigError("--weights: a pythae folder holds its own weights (model.pt)")
+    vae = load_pythae(spec[len(PYTHAE):])
+    shape = tuple(vae.model_config.input_dim or ())
+    if math.prod(shape) != x[0].numel():
+        raise ConfigError(f"--model {spec}: the model takes datapoints of shape {shape}, "
+                          f"{math.prod(shape)} values; the data have {x[0].numel()}")  # fmt: skip
+    return UserModel(*from_pythae(vae))
+
+
+def _built(spec: str, x: Tensor, weights) -> UserModel:
+    """``build(data_dim)`` from the user's module, checked, with ``weights`` loaded."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ConfigError(f"--model {spec!r}: expected module:function or file.py:function")
@@ -69,9 +102,6 @@ def load_user_model(spec: str, x: Tensor, weights: str | Path | None = None,
     user = _checked(spec, built)
     if weights is not None:
         _load_weights(user, Path(weights))
-    user.model.to(device).eval()
-    user.encoder.to(device).eval()
-    _fits(spec, user, x[:2].to(device))
     return user
 
 
