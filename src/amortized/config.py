@@ -29,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "GapConfig",
     "StudyConfig",
+    "GeneralizationConfig",
     "CollapseConfig",
     "ConfigError",
     "check_choices",
@@ -264,6 +265,44 @@ class StudyConfig:
     )
     train_subset: int = field(
         default=500, metadata=_help("training points on which the gaps are also measured", ge=0)
+    )
+
+
+def _generalization_training() -> TrainConfig:
+    """The generalization study's training settings where they differ from a VAE's."""
+    return TrainConfig(dataset="binarized-mnist", epochs=100, patience=100, gap_every=10,
+                       progress=False)  # fmt: skip
+
+
+@dataclass
+class GeneralizationConfig:
+    """How amortized inference generalizes: the gaps over training, a model scored on
+    another dataset, and a larger encoder on the same decoder.
+
+    Two VAEs are trained with ``train``, one on ``train.dataset``, one on
+    ``shift_dataset``; each is measured (``gap``) on both test sets. On the first model's
+    decoder, held fixed, an encoder of the standard size (``train.hidden``) and one of
+    ``capacity_hidden`` are each trained afresh for ``capacity_epochs``.
+    """
+
+    train: TrainConfig = field(default_factory=_generalization_training)
+    gap: GapConfig = field(
+        default_factory=lambda: GapConfig(iwae_k=1000, local_steps=1000, max_points=1000,
+                                          refine_steps=(0, 1, 2, 5, 10, 20, 50, 100))  # fmt: skip
+    )
+    shift_dataset: str = field(
+        default="fashion-mnist",
+        metadata=_help("the second dataset: each model is also scored on the other's test images"),
+    )
+    capacity_hidden: tuple[int, ...] = field(
+        default=(500, 500, 500),
+        metadata=_help("hidden sizes of the larger encoder (Cremer et al.'s 784-500-500-500)",
+                       ge=1),  # fmt: skip
+    )
+    capacity_epochs: int = field(
+        default=0,
+        metadata=_help("epochs of each encoder trained on the fixed decoder", ge=0,
+                       why="0: train.epochs"),  # fmt: skip
     )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "plot_gap_histograms",
     "plot_images",
     "plot_bound_against_cost",
+    "plot_refinement_gain",
 ]
 
 
@@ -191,6 +192,27 @@ def plot_gaps_over_training(metrics: Sequence[dict], path: str | Path) -> Path:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_ylabel("nats per datapoint (± 2 MC s.e.)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_refinement_gain(curves: dict[str, list[tuple[float, float, float]]], path: str | Path
+                         ) -> Path:  # fmt: skip
+    """What refinement recovers against what it costs, one curve per (model, data) pair.
+
+    ``curves[label] = [(milliseconds per datapoint, nats gained over the encoder's L[q],
+    paired MC s.e.), ...]`` by number of steps K; labels ending in "(shifted)" are drawn
+    dashed: the model scored on another dataset's images.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, (label, points) in enumerate(curves.items()):
+        ms, gain, se = np.array(points, dtype=float).T
+        ax.errorbar(ms, gain, yerr=2 * se, fmt="o--" if label.endswith("(shifted)") else "o-",
+                    ms=3, capsize=2, color=f"C{i}", label=label)  # fmt: skip
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("refinement time per datapoint (ms)")
+    ax.set_ylabel("L[q_K] - L[q] (nats, ± 2 MC s.e.)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)

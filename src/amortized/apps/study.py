@@ -44,7 +44,7 @@ from .plots import (
 from .study_report import report_markdown
 from .usermodel import load_user_model
 
-__all__ = ["run_study", "measure_gaps"]
+__all__ = ["run_study", "measure_gaps", "settings_key"]
 
 log = logging.getLogger(__name__)  # shown by the command line; silent in a library
 
@@ -192,10 +192,17 @@ STUDY_OUTPUTS = ("gaps_train.json", "gaps_test.json", "report.md", "results.json
 def _study_key(config: StudyConfig, trained: Trained) -> str:
     """What a study's outputs depend on: its settings (not whether bars are shown) and the
     trained weights."""
+    return settings_key(config, [trained.model, trained.encoder])
+
+
+def settings_key(config: Any, modules: list[torch.nn.Module]) -> str:
+    """A digest of a study's settings (all but whether progress bars are shown) and of the
+    weights of ``modules``: what its finished stages (:class:`amortized.files.Stages`)
+    depend on."""
     settings = to_dict(config)
     settings["train"].pop("progress")
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for module in (trained.model, trained.encoder):
+    for module in modules:
         for name, t in sorted(module.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
