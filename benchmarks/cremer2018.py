@@ -4,6 +4,8 @@ For each trained run (one whose encoder outputs a diagonal Gaussian, one whose e
 outputs a flow), measures on the same test images: log p(x) (IWAE, optionally AIS too),
 L[q*] of the flow family and of the diagonal Gaussian, each optimised per datapoint,
 L[q] of the encoder, and the gaps; prints them beside the paper's MNIST figures.
+``--split train --points 1000`` measures the first 1,000 training images instead, as the
+paper's released code computed its Table 2.
 
     amortized train --dataset binarized-mnist --data-dir ../shared/data --epochs 300 \
         --patience 30 --run-dir runs/bmnist-ffg
@@ -86,7 +88,8 @@ def sharded_report(trained: Trained, x, args) -> GapReport:
     Shards are cut from a fixed random permutation of x (the test split is sorted by
     digit), so every shard is a random sample and the finished ones already tell the story.
     """
-    out = Path(args.shard_dir) / f"{trained.run_dir.name}-{len(x)}"
+    split = "" if args.split == "test" else "-train"  # test shards keep their old names
+    out = Path(args.shard_dir) / f"{trained.run_dir.name}{split}-{len(x)}"
     out.mkdir(parents=True, exist_ok=True)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     shards = []
@@ -113,7 +116,10 @@ def main() -> None:
     parser.add_argument("--flow", default=None, help="run trained with the flow family")
     parser.add_argument("--flow-family", default="iaf", choices=["iaf", "planar"])
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--points", type=int, default=1000, help="random test subset (0: all)")
+    parser.add_argument("--points", type=int, default=1000,
+                        help="test: a random subset of this many (0: all); train: the first "
+                             "this many training images, as the paper's code took them")
+    parser.add_argument("--split", default="test", choices=["test", "train"])
     parser.add_argument("--iwae-k", type=int, default=5000)
     parser.add_argument("--ais-steps", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=500)
@@ -136,7 +142,8 @@ def main() -> None:
         if trained.family.name != family:
             parser.error(f"{run_dir} was trained with --family {trained.family.name}, not {family}")
         dataset = load_dataset(trained.config.dataset, args.data_dir)
-        x = evaluation_subset(prepare_split(dataset, "test", "bernoulli"), args.points)
+        x = prepare_split(dataset, args.split, "bernoulli")
+        x = evaluation_subset(x, args.points) if args.split == "test" else x[: args.points]
         columns[name] = column(sharded_report(trained, x, args), args.flow_family)
         metrics = (trained.run_dir / "metrics.jsonl").read_text().splitlines()
         columns[name]["epochs trained"] = len(metrics)
@@ -146,7 +153,7 @@ def main() -> None:
         print(f"{row:20s} {paper:10.2f}" + "".join(f" {c[row][0]:13.2f}" for c in columns.values()))
     for name, c in columns.items():
         seconds = sum(c["seconds per datapoint"].values()) * c["points"]
-        print(f"{name}: {c['points']} test images, {c['epochs trained']} epochs trained, "
+        print(f"{name}: {c['points']} {args.split} images, {c['epochs trained']} epochs trained, "
               f"{seconds:.0f} s of gap report; log p(x) from {c['log p(x) method']}")  # fmt: skip
     if args.output:
         with open(args.output, "w") as f:
