@@ -69,7 +69,7 @@ def pythae_rows(vae, x: torch.Tensor, k: int) -> dict[str, tuple[float, float]]:
         losses = torch.stack([vae({"data": images}).loss for _ in range(200)])
         runs = [vae.get_nll(images, n_samples=k, batch_size=k) for _ in range(10)]
     return {"ELBO": (-losses.mean().item(), losses.std().item() / math.sqrt(len(losses))),
-            f"IWAE-{k}": (float(np.mean(runs)), float(np.std(runs, ddof=1) / math.sqrt(len(runs))))}  # fmt: skip
+            f"IWAE-{k}": (float(np.mean(runs)), float(np.std(runs, ddof=1)) / len(runs) ** 0.5)}
 
 
 def pyro_rows(vae, x: torch.Tensor) -> dict[str, tuple[float, float]]:
