@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from amortized import gap_report
-from amortized.config import ConfigError, TrainConfig, load_config, save_config
+from amortized.config import ConfigError, TrainConfig, load_config, save_config, to_dict
 from amortized.data import Dataset, load_dataset
 from amortized.inference.iterative import IterativeEncoder
-from amortized.train import build, load_run, read_metrics, train, training_bounds
+from amortized.train import build, load_run, prepare_split, read_metrics, train, training_bounds
 from amortized.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
 TINY = dict(latent_dim=2, hidden=(16,), epochs=4, batch_size=50, progress=False, patience=50)
@@ -189,7 +189,7 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
 
 def test_resuming_with_another_config_is_refused(tiny_data, tmp_path):
     train(TrainConfig(**TINY), tmp_path, dataset=tiny_data)
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config: lr \(0.001 there, 0.01 here\)"):
         train(TrainConfig(**{**TINY, "lr": 0.01}), tmp_path, dataset=tiny_data)
     before = _metrics(tmp_path)
     # where the data are read from is not part of a run: a moved data directory resumes
@@ -206,6 +206,32 @@ def test_a_run_saved_before_new_config_fields_existed_resumes(tiny_data, tmp_pat
     save_atomic(state, path)
     trained = train(config, tmp_path, dataset=tiny_data)  # refused if the fields were compared
     assert len(_metrics(tmp_path)) == 4 and trained.config == config
+
+
+def test_each_epoch_scores_a_fixed_validation_subset_and_the_end_the_whole_split(tiny_data,
+                                                                                 tmp_path):
+    from amortized.train.bounds import evaluate_elbo
+    from amortized.train.run import _completed
+
+    sub = train(TrainConfig(**TINY, valid_points=30), tmp_path / "sub", dataset=tiny_data)
+    train(TrainConfig(**TINY, valid_points=0), tmp_path / "whole", dataset=tiny_data)
+    a, b = _metrics(tmp_path / "sub"), _metrics(tmp_path / "whole")
+    assert a[0]["train_loss"] == b[0]["train_loss"]  # the same first epoch, scored on others
+    assert a[0]["valid_elbo"] != b[0]["valid_elbo"]
+    # the best epoch scored once on all 100 validation images at the end
+    saved = load_checkpoint(tmp_path / "sub" / "model.pt")
+    run = load_run(tmp_path / "sub")
+    torch.manual_seed(0)
+    valid = prepare_split(tiny_data, "valid", "bernoulli", 0)
+    value = evaluate_elbo(run.model, run.encoder, run.family, valid, samples=500)
+    assert abs(saved["valid_elbo_whole_split"] - value) < 0.5  # MC error of 10 samples each
+    assert load_checkpoint(tmp_path / "whole" / "model.pt")["valid_elbo_whole_split"] == \
+        _metrics(tmp_path / "whole")[-1]["best_valid_elbo"]  # fmt: skip
+    assert sub.config.valid_points == 30
+    # a run saved before the setting existed validated on the whole split: it says so
+    config = to_dict(TrainConfig(**TINY))
+    del config["valid_points"]
+    assert _completed(config)["valid_points"] == 0
 
 
 def test_load_run_restores_the_best_model(tiny_data, tmp_path):

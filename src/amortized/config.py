@@ -195,6 +195,12 @@ class TrainConfig:
     gap_points: int = field(
         default=100, metadata=_help("datapoints of each of those subsets", ge=2)
     )
+    valid_points: int = field(
+        default=1000,
+        metadata=_help("validation images scored every epoch, a fixed random subset, for "
+                       "choosing the best epoch and early stopping; the whole split is scored "
+                       "once, at the end", ge=0, why="0: the whole split every epoch"),  # fmt: skip
+    )
     valid_samples: int = field(default=10, metadata=_help("samples of the validation ELBO", ge=1))
     seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same run"))
     device: str = field(default="cpu", metadata=_help("cpu, cuda, cuda:1, ..."))

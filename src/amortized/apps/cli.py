@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/collapse)")
     p.add_argument("--config", default=None, help="CollapseConfig TOML file")
     collapse = CollapseConfig()
-    _add_fields(p, collapse.train, skip=REMEDY_FIELDS)  # each remedy sets those itself
+    # each remedy sets its REMEDY_FIELDS itself; the study subsets the validation images
+    _add_fields(p, collapse.train, skip=(*REMEDY_FIELDS, "valid_points"))
     _add_fields(p, collapse)
 
     p = sub.add_parser(

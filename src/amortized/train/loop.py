@@ -409,11 +409,16 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
             "would replace it. Choose another --run-dir, or delete the directory to start afresh"
         )
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and _identity(_completed(state["config"])) != _identity(to_dict(config)):
-        raise ConfigError(
-            f"{run_dir} holds a run with a different config; resume it with the same settings "
-            "or choose another --run-dir"
-        )
+    if state is not None:
+        saved, given = _identity(_completed(state["config"])), _identity(to_dict(config))
+        differ = [f"{k} ({saved.get(k)!r} there, {given.get(k)!r} here)"
+                  for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)]
+        if differ:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config: {'; '.join(differ[:3])}"
+                f"{'; ...' if len(differ) > 3 else ''}. Resume it with the same settings or "
+                "choose another --run-dir"
+            )
     device = torch.device(config.device)  # one this machine has (validate checked)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -425,16 +430,17 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
                  "afresh at every training step and once, fixed, for evaluation", dataset.name)
     train_x = dataset.train if dynamic else prepare_split(dataset, "train", config.likelihood)
     train_x = train_x.to(device)
-    valid_x = prepare_split(dataset, "valid", config.likelihood, config.seed).to(device)
+    whole_valid = prepare_split(dataset, "valid", config.likelihood, config.seed).to(device)
+    valid_x = evaluation_subset(whole_valid, config.valid_points, config.seed)  # every epoch
     diagnostics_x = None  # where the latent code's use is checked every epoch
     if config.diagnostics_points and route.has_encoder:
-        diagnostics_x = evaluation_subset(valid_x, config.diagnostics_points, config.seed)
+        diagnostics_x = evaluation_subset(whole_valid, config.diagnostics_points, config.seed)
 
     gap_x = None  # where the gaps are measured every gap_every epochs
     if config.gap_every and route.has_encoder:
         fixed_train = prepare_split(dataset, "train", config.likelihood, config.seed)
-        gap_x = {"train": evaluation_subset(fixed_train, config.gap_points, config.seed),
-                 "valid": evaluation_subset(valid_x, config.gap_points, config.seed)}  # fmt: skip
+        gap_x = {split: evaluation_subset(x, config.gap_points, config.seed)
+                 for split, x in (("train", fixed_train), ("valid", whole_valid))}  # fmt: skip
         gap_x = {split: x.to(device) for split, x in gap_x.items()}
 
     torch.manual_seed(config.seed)
@@ -457,6 +463,13 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
 
     model.load_state_dict(best_state["model"])
     encoder.load_state_dict(best_state["encoder"])
+    whole = best  # the best epoch's validation ELBO, on the whole split
+    if len(valid_x) < len(whole_valid):
+        whole = _validation_elbo(model, encoder, family, whole_valid, config, world)
+        if world.main:
+            log.info("validation ELBO of the best epoch on all %d validation images: %.3f (%.3f "
+                     "on the %d scored every epoch)", len(whole_valid), whole, best,
+                     len(valid_x))  # fmt: skip
     if world.main:
         save_atomic(
             {
@@ -467,6 +480,7 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
                 "model": model.state_dict(),
                 "encoder": encoder.state_dict(),
                 "best_valid_elbo": best,
+                "valid_elbo_whole_split": whole,
                 "epochs": epoch,
             },
             run_dir / "model.pt",

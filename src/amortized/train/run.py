@@ -29,9 +29,15 @@ class Trained:
     run_dir: Path | None = None
 
 
+#: Fields added since runs were first saved whose default is not what those runs did:
+#: a saved config without them gets the value that reproduces it.
+_BEFORE_THEM = {"valid_points": 0}  # the whole validation split, every epoch
+
+
 def _completed(config: dict) -> dict:
-    """A saved config with the fields added since it was written set to their defaults."""
-    return to_dict(from_dict(TrainConfig, config))
+    """A saved config with the fields added since it was written set to what it ran with:
+    their defaults, or (:data:`_BEFORE_THEM`) the behaviour from before they existed."""
+    return to_dict(from_dict(TrainConfig, {**_BEFORE_THEM, **config}))
 
 
 def _identity(config: dict) -> dict:
