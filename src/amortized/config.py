@@ -8,6 +8,7 @@ typo or a bad value fails with one line naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import types
@@ -372,7 +373,9 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+@functools.cache
 def resolve_types(cls: type) -> dict[str, Any]:
+    """The field types of a config class, resolved once (callers only read them)."""
     return typing.get_type_hints(cls)
 
 
