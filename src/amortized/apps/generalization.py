@@ -39,8 +39,8 @@ from ..train import Trained, evaluation_subset, prepare_split, read_metrics, tra
 from ..train import validate as validate_training
 from ..train.fit import fit
 from .plots import plot_gaps_over_training, plot_refinement_gain
-from .study import _machine, check_gap_config, measure_gaps, settings_key
-from .study_report import _provenance_section
+from .study import check_gap_config, machine_summary, measure_gaps, settings_key
+from .study_report import provenance_section
 
 __all__ = ["run_generalization"]
 
@@ -126,7 +126,7 @@ def _study_in(config: GeneralizationConfig, run_dir: Path) -> dict[str, Any]:
         "refinement": _refinement(names, reports),
         "capacity": capacity,
         "figures": figures,
-        "machine": _machine(device),
+        "machine": machine_summary(device),
         "seconds": time.perf_counter() - started,
     }
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
@@ -330,4 +330,4 @@ def _markdown(config: GeneralizationConfig, names: list[str], results: dict[str,
     d = cap["large_minus_standard"]
     lines += ["", f"The larger encoder's L[q] minus the standard one's, paired: {f(d)}.", ""]
     results = {**results, "training": {"seconds": results["training"]["seconds"]}}
-    return "\n".join(lines + _provenance_section(config, results))
+    return "\n".join(lines + provenance_section(config, results))

@@ -44,7 +44,7 @@ from .plots import (
 from .study_report import report_markdown
 from .usermodel import load_user_model
 
-__all__ = ["run_study", "measure_gaps", "settings_key"]
+__all__ = ["run_study", "measure_gaps", "settings_key", "machine_summary"]
 
 log = logging.getLogger(__name__)  # shown by the command line; silent in a library
 
@@ -177,7 +177,7 @@ def _study_in(config: StudyConfig, run_dir: Path, model: str | None, weights) ->
         },
         "gaps": {split: r.to_dict(per_datapoint=False) for split, r in reports.items()},
         "figures": figures,
-        "machine": _machine(device),
+        "machine": machine_summary(device),
         "seconds": time.perf_counter() - started,
     }
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
@@ -293,7 +293,8 @@ def _routes(report: GapReport) -> dict[str, list[tuple[float, float]]]:
     }
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
+def machine_summary(device: torch.device) -> dict[str, Any]:
+    """Where and with what a study ran: platform, versions, threads, commit, command."""
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

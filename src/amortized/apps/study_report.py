@@ -110,7 +110,7 @@ def report_markdown(config: StudyConfig, results: dict[str, Any],
         lines += _latent_use_section(results["training"]["latent"], fig)
     if "images" in fig:
         lines += ["## Reconstructions and samples", "", f"![images]({fig['images']})", ""]
-    return "\n".join(lines + _provenance_section(config, results))
+    return "\n".join(lines + provenance_section(config, results))
 
 
 def _header(tc, results: dict[str, Any], user: dict[str, str] | None = None) -> list[str]:
@@ -205,7 +205,9 @@ def _cost_section(train_r: GapReport, test_r: GapReport) -> list[str]:
     ]
 
 
-def _provenance_section(config: StudyConfig, results: dict[str, Any]) -> list[str]:
+def provenance_section(config: Any, results: dict[str, Any]) -> list[str]:
+    """The report's last section: machine, versions, seeds (``config.train.seed``,
+    ``config.gap.eval_seed``) and the command."""
     m = results["machine"]
     return [
         "## Machine and provenance",
