@@ -250,6 +250,13 @@ def test_merging_shards_is_the_report_of_their_union(setup):
     assert abs(gap.mean - report.amortization_gap.mean) < 0.15
     with pytest.raises(ValueError, match="measured differently"):
         merge_reports([shards[0], report])
+    # shards whose log p(x) drew from different q* merge, saying which on how many
+    other = GapReport.from_dict(shards[1].to_dict())
+    other.settings["log_px_methods"] = {"iwae": "IWAE, k=200, proposal q* (diagonal)"}
+    mixed = merge_reports([shards[0], other])
+    assert mixed.log_px.mean == pytest.approx(merged.log_px.mean)
+    assert mixed.log_px_method == (f"{shards[0].log_px_method} on 15 datapoints; IWAE, "
+                                   "k=200, proposal q* (diagonal) on 25 datapoints")  # fmt: skip
     with pytest.raises(ValueError, match="at least one"):
         merge_reports([])
 

@@ -300,6 +300,21 @@ def difference(a: GapReport, b: GapReport, quantity: str, *, paired: bool | None
                     math.hypot(qa.data_se, qb.data_se))  # fmt: skip
 
 
+def _merged_methods(reports: Sequence[GapReport]) -> dict[str, str]:
+    """How each estimate of log p(x) was made over the union of the shards: one
+    description, or each with its number of datapoints where the shards chose different
+    proposals (each shard draws from its own tightest q*)."""
+    out = {}
+    for name in reports[0].settings["log_px_methods"]:
+        counts: dict[str, int] = {}
+        for r in reports:
+            method = r.settings["log_px_methods"][name]
+            counts[method] = counts.get(method, 0) + r.n
+        out[name] = next(iter(counts)) if len(counts) == 1 else "; ".join(
+            f"{method} on {n} datapoints" for method, n in counts.items())  # fmt: skip
+    return out
+
+
 def data_digest(x: Tensor) -> str:
     """A short digest of the data's values and shape: equal digests, same datapoints."""
     digest = hashlib.sha256(str((tuple(x.shape), str(x.dtype))).encode())
@@ -376,14 +391,14 @@ def merge_reports(reports: Sequence[GapReport]) -> GapReport:
     if not reports:
         raise ValueError("merge_reports needs at least one report")
     first = reports[0]
-    for r in reports[1:]:
-        if (r.encoder_family, r.settings, list(r.elbo_local)) != (
-            first.encoder_family, first.settings, list(first.elbo_local)
-        ):  # fmt: skip
-            raise ValueError(
-                "reports to merge were measured differently (settings, families, or the "
-                "q* that log p(x) was drawn from)"
-            )
+
+    def alike(r: GapReport) -> tuple:  # which q* each estimate drew from may differ
+        settings = {k: v for k, v in r.settings.items() if k != "log_px_methods"}
+        return r.encoder_family, settings, list(r.elbo_local), list(r.settings["log_px_methods"])
+
+    if any(alike(r) != alike(first) for r in reports[1:]):
+        raise ValueError("reports to merge were measured differently (settings, families or "
+                         "estimates of log p(x))")  # fmt: skip
     parts = [r.per_datapoint for r in reports]
     if any(p is None for p in parts):
         raise ValueError("reports to merge need their per-datapoint arrays")
@@ -398,12 +413,13 @@ def merge_reports(reports: Sequence[GapReport]) -> GapReport:
         return {k: sum(r.n * v[k] for r, v in zip(reports, values, strict=True)) / n
                 for k in values[0]}  # fmt: skip
 
+    methods = _merged_methods(reports)
     return _summarise(
         PerDatapoint.cat(parts),
         encoder_family=first.encoder_family,
-        estimates=first.settings["log_px_methods"],
+        estimates=methods,
         seconds=weighted([r.seconds_per_datapoint for r in reports]),
-        settings=first.settings,
+        settings={**first.settings, "log_px_methods": methods},
         local_fit={f: weighted([r.local_fit[f] for r in reports]) for f in first.local_fit},
         data_id=data_id,
     )
