@@ -81,15 +81,22 @@ def test_the_capacity_rows_score_encoders_of_the_sizes_asked_for(study):
     assert encoders["large, trained on the fixed decoder"]["parameters"] == \
         784 * 32 + 32 + 32 * 32 + 32 + 32 * 8 + 8  # fmt: skip
     a_on_a = GapReport.from_json(run_dir / "gaps_tiny_on_tiny.json")
+    on_train = GapReport.from_json(run_dir / "gaps_tiny_on_tiny-train.json")
     joint = encoders["trained with its decoder"]
-    assert joint["amortization_gap"]["mean"] == pytest.approx(a_on_a.amortization_gap.mean)
+    assert joint["test"]["amortization_gap"]["mean"] == pytest.approx(
+        a_on_a.amortization_gap.mean)
+    assert joint["train"]["amortization_gap"]["mean"] == pytest.approx(
+        on_train.amortization_gap.mean)
+    assert results["capacity"]["images"] == {"train": 15, "test": 15}
     for name in ("standard", "large"):  # each encoder trained its epochs, on the decoder alone
         log = [json.loads(line) for line in
                (run_dir / f"encoder-{name}" / "metrics.jsonl").read_text().splitlines()]
         assert len(log) == 3
     row = encoders["large, trained on the fixed decoder"]
-    local = a_on_a.elbo_local["diagonal"].mean
-    assert row["amortization_gap"]["mean"] == pytest.approx(local - row["elbo_amortized"]["mean"])
+    for split, report in (("test", a_on_a), ("train", on_train)):
+        local = report.elbo_local["diagonal"].mean
+        assert row[split]["amortization_gap"]["mean"] == pytest.approx(
+            local - row[split]["elbo_amortized"]["mean"])
 
 
 def test_a_capacity_row_is_its_saved_encoder_on_the_saved_decoder(study, tiny_npz):
@@ -111,7 +118,7 @@ def test_a_capacity_row_is_its_saved_encoder_on_the_saved_decoder(study, tiny_np
     with torch.no_grad():
         value = elbo(trained.model, trained.family, encoder(x), x, samples=20).mean().item()
     row = results["capacity"]["encoders"]["large, trained on the fixed decoder"]
-    assert value == pytest.approx(row["elbo_amortized"]["mean"], abs=1e-5)
+    assert value == pytest.approx(row["test"]["elbo_amortized"]["mean"], abs=1e-5)
 
 
 def test_the_report_and_figures_are_written_and_a_rerun_measures_nothing(study, tiny_npz,

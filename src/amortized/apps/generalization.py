@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..config import ConfigError, GeneralizationConfig, check_fields, to_dict
 from ..data import load_dataset
@@ -112,8 +113,20 @@ def _study_in(config: GeneralizationConfig, run_dir: Path) -> dict[str, Any]:
             stages.finish(path.name)
             reports[model_name, data_name] = report
 
-    capacity = _capacity(config, trained[names[0]], datasets[names[0]], tests[names[0]],
-                         reports[names[0], names[0]], run_dir, stages)  # fmt: skip
+    first = names[0]  # its model's decoder, held fixed, is where the encoders are compared
+    path = run_dir / f"gaps_{_slug(first)}_on_{_slug(first)}-train.json"
+    train_x = evaluation_subset(prepare_split(datasets[first], "train", tc.likelihood),
+                                config.gap.max_points).to(device)  # fmt: skip
+    if stages.finished(path.name):
+        train_report = GapReport.from_json(path)
+    else:
+        log.info("measuring the %s model on %d of its training images", _slug(first),
+                 len(train_x))  # fmt: skip
+        train_report = measure_gaps(trained[first], train_x, config.gap, progress)
+        train_report.to_json(path)
+        stages.finish(path.name)
+    scored = {"train": (train_x, train_report), "test": (tests[first], reports[first, first])}
+    capacity = _capacity(config, trained[first], datasets[first], scored, run_dir, stages)
     metrics = {name: read_metrics(run_dir / f"train-{_slug(name)}") for name in names}
     figures = _figures(names, reports, metrics, run_dir)
     results = {
@@ -185,25 +198,28 @@ def _refinement(names: list[str], reports) -> dict[str, list[dict[str, float]]]:
     return out
 
 
-def _capacity(config: GeneralizationConfig, trained: Trained, dataset, x, report: GapReport,
-              run_dir: Path, stages: Stages) -> dict[str, Any]:  # fmt: skip
-    """Encoders of two sizes trained afresh on the model's fixed decoder, scored on x.
+def _capacity(config: GeneralizationConfig, trained: Trained, dataset,
+              scored: dict[str, tuple[Tensor, GapReport]], run_dir: Path, stages: Stages
+              ) -> dict[str, Any]:  # fmt: skip
+    """Encoders of two sizes trained afresh on the model's fixed decoder, each scored on
+    the images x of every ``(x, report)`` in ``scored`` (training and test images).
 
-    Their amortization gaps are taken against the q* of ``report`` (the same model, the
-    same images), so each difference is paired.
+    Their amortization gaps are taken against the q* of those reports (the same model,
+    the same images), so each difference is paired.
     """
     path = run_dir / "capacity.json"
     if stages.finished(path.name):
         return json.loads(path.read_text())
     tc, gc = config.train, config.gap
     model, family = trained.model, trained.family
-    device = x.device
+    device = next(model.parameters()).device
     train_x = prepare_split(dataset, "train", tc.likelihood).to(device)
     valid_x = evaluation_subset(prepare_split(dataset, "valid", tc.likelihood, tc.seed),
                                 ENCODER_VALID_POINTS).to(device)  # fmt: skip
-    local = report.rows(f"elbo_local/{family.name}")
-    rows = {"trained with its decoder": _encoder_row(report.rows("elbo_amortized"), local,
-                                                     trained.encoder, list(tc.hidden))}
+    images = {split: x for split, (x, _) in scored.items()}
+    reports = {split: report for split, (_, report) in scored.items()}
+    bounds = {"trained with its decoder": {s: r.rows("elbo_amortized") for s, r in reports.items()}}
+    encoders = {"trained with its decoder": (trained.encoder, list(tc.hidden))}
     model.requires_grad_(False)  # the decoder stays as it is; only the encoders learn
     try:
         for name, hidden in (("standard", tc.hidden), ("large", config.capacity_hidden)):
@@ -223,29 +239,32 @@ def _capacity(config: GeneralizationConfig, trained: Trained, dataset, x, report
             fit(encoder, loss, train_x, score, run_dir / f"encoder-{name}",
                 epochs=config.capacity_epochs or tc.epochs, batch_size=tc.batch_size,
                 lr=tc.lr, seed=tc.seed)  # fmt: skip
-            torch.manual_seed(gc.eval_seed)
-            with torch.no_grad():
-                value, se = elbo(model, family, encoder(x), x, samples=gc.elbo_samples,
-                                 stderr=True)  # fmt: skip
-            rows[f"{name}, trained on the fixed decoder"] = _encoder_row(
-                Rows(value, se), local, encoder, list(hidden))
+            label = f"{name}, trained on the fixed decoder"
+            encoders[label] = (encoder, list(hidden))
+            bounds[label] = {}
+            for split, x in images.items():
+                torch.manual_seed(gc.eval_seed)
+                with torch.no_grad():
+                    value, se = elbo(model, family, encoder(x), x, samples=gc.elbo_samples,
+                                     stderr=True)  # fmt: skip
+                bounds[label][split] = Rows(value, se)
     finally:
         model.requires_grad_(True)
-    out = {"images": len(x), "epochs": config.capacity_epochs or tc.epochs, "encoders": rows}
-    large, standard = (rows[f"{n}, trained on the fixed decoder"]["rows"]
-                       for n in ("large", "standard"))  # fmt: skip
-    out["large_minus_standard"] = _q((large - standard).mean())  # paired: L[q] large - standard
-    for row in rows.values():
-        del row["rows"]
+    rows = {}
+    for label, (encoder, hidden) in encoders.items():
+        rows[label] = {"hidden": hidden, "parameters": sum(p.numel() for p in encoder.parameters())}
+        for split, report in reports.items():
+            bound, local = bounds[label][split], report.rows(f"elbo_local/{family.name}")
+            rows[label][split] = {"elbo_amortized": _q(bound.mean()),
+                                  "amortization_gap": _q((local - bound).mean())}  # fmt: skip
+    large, standard = (bounds[f"{n}, trained on the fixed decoder"] for n in ("large", "standard"))
+    out = {"images": {split: r.n for split, r in reports.items()},
+           "epochs": config.capacity_epochs or tc.epochs, "encoders": rows,
+           "large_minus_standard": {split: _q((large[split] - standard[split]).mean())
+                                    for split in scored}}  # fmt: skip
     write_atomic(path, json.dumps(out, indent=2))
     stages.finish(path.name)
     return out
-
-
-def _encoder_row(bound: Rows, local: Rows, encoder, hidden: list[int]) -> dict[str, Any]:
-    return {"hidden": hidden, "parameters": sum(p.numel() for p in encoder.parameters()),
-            "elbo_amortized": _q(bound.mean()), "amortization_gap": _q((local - bound).mean()),
-            "rows": bound}  # fmt: skip
 
 
 def _figures(names, reports, metrics, run_dir: Path) -> dict[str, str]:
@@ -318,16 +337,20 @@ def _markdown(config: GeneralizationConfig, names: list[str], results: dict[str,
                          f"{s['nats_per_ms']:.3f} |")  # fmt: skip
     if "refinement" in results["figures"]:
         lines += ["", f"![refinement against its cost]({results['figures']['refinement']})"]
+    images = cap["images"]
     lines += ["", "## Encoder capacity", "",
               f"On the {names[0]} model's decoder, held fixed: encoders trained afresh for "
-              f"{cap['epochs']} epochs, scored on the same {cap['images']} test images; the "
-              "amortization gap against the same q*.", "",
-              "| encoder | hidden | parameters | L[q] | amortization gap |",
-              "|---|---|---|---|---|"]  # fmt: skip
+              f"{cap['epochs']} epochs, each scored on the same {images['train']} training and "
+              f"{images['test']} test images; the amortization gap against the same q*.", "",
+              "| encoder | hidden | parameters | L[q], train | amortization gap, train | "
+              "L[q], test | amortization gap, test |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, row in cap["encoders"].items():
+        cells = [f(row[split][q]) for split in ("train", "test")
+                 for q in ("elbo_amortized", "amortization_gap")]  # fmt: skip
         lines.append(f"| {label} | {row['hidden']} | {row['parameters']:,} | "
-                     f"{f(row['elbo_amortized'])} | {f(row['amortization_gap'])} |")  # fmt: skip
+                     + " | ".join(cells) + " |")
     d = cap["large_minus_standard"]
-    lines += ["", f"The larger encoder's L[q] minus the standard one's, paired: {f(d)}.", ""]
+    lines += ["", f"The larger encoder's L[q] minus the standard one's, paired: {f(d['train'])} "
+              f"on the training images, {f(d['test'])} on the test images.", ""]
     results = {**results, "training": {"seconds": results["training"]["seconds"]}}
     return "\n".join(lines + provenance_section(config, results))
