@@ -99,32 +99,23 @@ def _study_in(config: GeneralizationConfig, run_dir: Path) -> dict[str, Any]:
                                      config.gap.max_points).to(device)
              for name, ds in datasets.items()}  # fmt: skip
 
-    reports: dict[tuple[str, str], GapReport] = {}
-    for model_name in names:
-        for data_name in names:
-            path = run_dir / f"gaps_{_slug(model_name)}_on_{_slug(data_name)}.json"
-            if stages.finished(path.name):
-                reports[model_name, data_name] = GapReport.from_json(path)
-                continue
-            log.info("measuring the %s model on %d %s test images", _slug(model_name),
-                     len(tests[data_name]), _slug(data_name))  # fmt: skip
-            report = measure_gaps(trained[model_name], tests[data_name], config.gap, progress)
-            report.to_json(path)
-            stages.finish(path.name)
-            reports[model_name, data_name] = report
+    def measured(model_name: str, x: Tensor, what: str, name: str) -> GapReport:
+        """The model's gap report on x: read back where a finished stage holds it."""
+        path = run_dir / f"gaps_{_slug(model_name)}_on_{name}.json"
+        if stages.finished(path.name):
+            return GapReport.from_json(path)
+        log.info("measuring the %s model on %d %s", _slug(model_name), len(x), what)
+        report = measure_gaps(trained[model_name], x, config.gap, progress)
+        report.to_json(path)
+        stages.finish(path.name)
+        return report
 
+    reports = {(m, d): measured(m, tests[d], f"{_slug(d)} test images", _slug(d))
+               for m in names for d in names}  # fmt: skip
     first = names[0]  # its model's decoder, held fixed, is where the encoders are compared
-    path = run_dir / f"gaps_{_slug(first)}_on_{_slug(first)}-train.json"
     train_x = evaluation_subset(prepare_split(datasets[first], "train", tc.likelihood),
                                 config.gap.max_points).to(device)  # fmt: skip
-    if stages.finished(path.name):
-        train_report = GapReport.from_json(path)
-    else:
-        log.info("measuring the %s model on %d of its training images", _slug(first),
-                 len(train_x))  # fmt: skip
-        train_report = measure_gaps(trained[first], train_x, config.gap, progress)
-        train_report.to_json(path)
-        stages.finish(path.name)
+    train_report = measured(first, train_x, "of its training images", f"{_slug(first)}-train")
     scored = {"train": (train_x, train_report), "test": (tests[first], reports[first, first])}
     capacity = _capacity(config, trained[first], datasets[first], scored, run_dir, stages)
     metrics = {name: read_metrics(run_dir / f"train-{_slug(name)}") for name in names}
