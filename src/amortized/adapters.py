@@ -147,7 +147,6 @@ def from_pyro(
     Pyro's tracing, so each costs more than the bare networks would.
     """
     try:
-        import pyro  # noqa: F401
         from pyro import poutine
     except ImportError:
         raise ConfigError("pyro is not installed: pip install pyro-ppl") from None

@@ -65,14 +65,36 @@ def _show(value: Any) -> str:
 
 
 def _apply(config: Any, args: argparse.Namespace) -> Any:
-    """A copy of ``config`` with every option given on the command line, type-checked."""
+    """A copy of ``config`` with every option given on the command line, type-checked; a
+    nested config (a study's ``train`` and ``gap``) takes the options of its own fields."""
     hints = typing.get_type_hints(type(config))
     changes = {}
     for f in dataclasses.fields(config):
         value = getattr(args, f.name, None)
-        if value is not None and not dataclasses.is_dataclass(hints[f.name]):
+        if dataclasses.is_dataclass(hints[f.name]):
+            changes[f.name] = _apply(getattr(config, f.name), args)
+        elif value is not None:
             changes[f.name] = coerce(value, hints[f.name], "--" + f.name.replace("_", "-"))
     return dataclasses.replace(config, **changes)
+
+
+def _config(cls: type, args: argparse.Namespace) -> Any:
+    """The command's config: ``--config FILE.toml`` (or the defaults), then its options."""
+    return _apply(load_config(cls, args.config) if args.config else cls(), args)
+
+
+def _print_summary(run_dir: Path, results: dict[str, Any], until: str) -> None:
+    """A study's report up to the section ``until``, and where its files are."""
+    print((run_dir / "report.md").read_text().split(until)[0].rstrip())
+    print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
+          f"in {results['seconds']:.0f} s")  # fmt: skip
+
+
+def _add_study_fields(parser: argparse.ArgumentParser, config: Any) -> None:
+    """The options of a study's ``train`` and ``gap`` settings and of its own."""
+    _add_fields(parser, config.train)
+    _add_fields(parser, config.gap, skip=("split",))
+    _add_fields(parser, config)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,10 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
                    help="measure your own model instead of training one (see `gap --model`)")
     p.add_argument("--weights", default=None, help="with --model: its trained weights (.pt)")
-    study = StudyConfig()
-    _add_fields(p, study.train)
-    _add_fields(p, study.gap, skip=("split",))
-    _add_fields(p, study)
+    _add_study_fields(p, StudyConfig())
 
     p = sub.add_parser(
         "generalization",
@@ -122,10 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="output directory (default: "
                    "runs/generalization-DATASET-SHIFT_DATASET)")  # fmt: skip
     p.add_argument("--config", default=None, help="GeneralizationConfig TOML file")
-    general = GeneralizationConfig()
-    _add_fields(p, general.train)
-    _add_fields(p, general.gap, skip=("split",))
-    _add_fields(p, general)
+    _add_study_fields(p, GeneralizationConfig())
 
     p = sub.add_parser(
         "train",
@@ -192,40 +208,28 @@ def _parser() -> argparse.ArgumentParser:
 def _study(args: argparse.Namespace) -> None:
     from .study import run_study
 
-    config = load_config(StudyConfig, args.config) if args.config else StudyConfig()
-    config = dataclasses.replace(
-        _apply(config, args), train=_apply(config.train, args), gap=_apply(config.gap, args)
-    )
+    config = _config(StudyConfig, args)
     run_dir = Path(args.run_dir or f"runs/study-{Path(config.train.dataset).stem}")
     if args.weights and not args.model:
         raise ConfigError("--weights goes with --model")
     results = run_study(config, run_dir, model=args.model, weights=args.weights)
-    print((run_dir / "report.md").read_text().split("## Cost of inference")[0].rstrip())
-    print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
-          f"in {results['seconds']:.0f} s")  # fmt: skip
+    _print_summary(run_dir, results, "## Cost of inference")
 
 
 def _generalization(args: argparse.Namespace) -> None:
     from .generalization import run_generalization
 
-    config = (load_config(GeneralizationConfig, args.config) if args.config
-              else GeneralizationConfig())  # fmt: skip
-    config = dataclasses.replace(
-        _apply(config, args), train=_apply(config.train, args), gap=_apply(config.gap, args)
-    )
+    config = _config(GeneralizationConfig, args)
     names = (Path(config.train.dataset).stem, Path(config.shift_dataset).stem)
     run_dir = Path(args.run_dir or "runs/generalization-{}-{}".format(*names))
     results = run_generalization(config, run_dir)
-    print((run_dir / "report.md").read_text().split("## What refinement")[0].rstrip())
-    print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
-          f"in {results['seconds']:.0f} s")  # fmt: skip
+    _print_summary(run_dir, results, "## What refinement")
 
 
 def _train(args: argparse.Namespace) -> None:
     from ..train import train
 
-    config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
-    config = _apply(config, args)
+    config = _config(TrainConfig, args)
     run_dir = Path(args.run_dir or f"runs/train-{Path(config.dataset).stem}")
     train(config, run_dir)
     print(f"trained model in {run_dir / 'model.pt'}")
@@ -242,8 +246,7 @@ def _gap(args: argparse.Namespace) -> None:
     from .study import check_gap_config, measure_gaps
     from .usermodel import load_user_model
 
-    config = load_config(GapConfig, args.config) if args.config else GapConfig()
-    config = _apply(config, args)
+    config = _config(GapConfig, args)
     check_gap_config(config)
     device = parse_device(args.device)
     if (args.run_dir is None) == (args.model is None):
@@ -284,13 +287,10 @@ def _gap(args: argparse.Namespace) -> None:
 def _collapse(args: argparse.Namespace) -> None:
     from .collapse import run_collapse_study
 
-    config = load_config(CollapseConfig, args.config) if args.config else CollapseConfig()
-    config = dataclasses.replace(_apply(config, args), train=_apply(config.train, args))
+    config = _config(CollapseConfig, args)
     run_dir = Path(args.run_dir or "runs/collapse")
     results = run_collapse_study(config, run_dir)
-    print((run_dir / "report.md").read_text().split("\n## ")[0].rstrip())
-    print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
-          f"in {results['seconds']:.0f} s")  # fmt: skip
+    _print_summary(run_dir, results, "\n## ")
 
 
 def _download(args: argparse.Namespace) -> None:
