@@ -80,6 +80,8 @@ def test_iwae_and_ais_from_a_fitted_q_star_match_exact(setup):
         error = est - exact
         assert abs(float(error.mean())) < 0.05, name
         assert float(error.mean()) < 3 * float(iwae.stderr.square().sum().sqrt()) / len(x) + 0.01
-    # the heavy-tailed rows are the badly estimated ones: k-hat tells them apart
-    worst = (iwae.log_px - exact).argsort()[:4]
-    assert float(iwae.khat[worst].median()) > float(iwae.khat.median())
+    # a Gaussian q* of these curved posteriors leaves heavy-tailed weights, and k-hat says
+    # so on most rows (median 0.76 to 0.90 over fits of seeds 3 to 8). Which rows are
+    # estimated worst it does not tell reliably: over those seeds, the rows furthest from
+    # the exact value have k-hat from 0.3 to 1.6, so no row-level claim is made.
+    assert float(iwae.khat.median()) > 0.7

@@ -265,6 +265,28 @@ def test_iaf_family_trains_its_shared_weights_and_burda_schedule_sets_the_rate(t
         torch.testing.assert_close(reloaded.encoder(x), trained.encoder(x))
 
 
+def test_an_iaf_run_saved_before_acts_on_existed_loads_as_the_latent_flow(tiny_data, tmp_path):
+    """Runs saved before the setting trained the flow on z; loading one as the default
+    (noise) flow would silently give another q for the same weights."""
+    config = TrainConfig(**{**TINY, "epochs": 1}, family="iaf", iaf_acts_on="latent")
+    trained = train(config, tmp_path, dataset=tiny_data)
+    path = tmp_path / "model.pt"
+    state = load_checkpoint(path)
+    del state["config"]["iaf_acts_on"]  # as an older run saved it
+    save_atomic(state, path)
+    loaded = load_run(tmp_path)
+    assert loaded.family.acts_on == "latent" and loaded.config == config
+    x = tiny_data.test[:4].bernoulli(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lam = trained.encoder(x)
+        z = trained.family.distribution(lam).sample((3,))
+        torch.testing.assert_close(loaded.family.distribution(lam).log_prob(z),
+                                   trained.family.distribution(lam).log_prob(z))  # fmt: skip
+    # resuming it with today's default is refused, naming the setting
+    with pytest.raises(ConfigError, match="iaf_acts_on"):
+        train(TrainConfig(**{**TINY, "epochs": 2}, family="iaf"), tmp_path, dataset=tiny_data)
+
+
 def test_a_decoder_cut_off_from_z_logs_its_collapse_without_warning(tiny_data, tmp_path):
     config = TrainConfig(**{**TINY, "epochs": 1, "diagnostics_points": 30}, decoder="made",
                          made_hidden=(16,), decoder_uses_z=False)  # fmt: skip

@@ -46,6 +46,10 @@ class VariationalFamily(ABC):
 
     #: Short name used in reports and configs.
     name: str = "family"
+    #: :func:`amortized.fit_local`'s steps between checks of progress: long enough for a
+    #: window to show what this family's steps gain (a flow's weights move its ELBO
+    #: slowly, so a flow checks less often).
+    check_every: int = 50
 
     def __init__(self, latent_dim: int):
         if not isinstance(latent_dim, int) or latent_dim < 1:

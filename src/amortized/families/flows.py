@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 import zuko
 from torch import Tensor, nn
-from torch.distributions import Independent, Normal, Transform, TransformedDistribution, constraints
+from torch.distributions import (
+    AffineTransform,
+    Independent,
+    Normal,
+    Transform,
+    TransformedDistribution,
+    constraints,
+)
 
 from .base import VariationalFamily, gaussian_step_scale
 
@@ -213,15 +220,27 @@ class _IAFLayout:
 
 
 class InverseAutoregressiveFlow(VariationalFamily):
-    r"""q(z; lam): N(mu, diag(sigma^2)) followed by ``layers`` IAF steps, all per datapoint.
+    r"""q(z; lam): ``layers`` IAF steps and a diagonal Gaussian's scale and shift, per datapoint.
 
-    Each step (Kingma et al. 2016) maps eps to ``z = exp(a(eps)) * eps + b(eps)``, where
+    Each step (Kingma et al. 2016) maps eps to ``exp(a(eps)) * eps + b(eps)``, where
     ``(b, a)`` come from a masked one-hidden-layer network (MADE) of eps with ``hidden``
     tanh units, so ``b_i, a_i`` depend on ``eps_<i`` only and log|det J| = sum a. The
     order of the coordinates is reversed from one step to the next. The bijection is
     zuko's ``AutoregressiveTransform`` around its ``MonotonicAffineTransform`` (which
     soft-clips a to (-6.9, 6.9)); sampling and the density of one's own samples take one
     pass, the inverse at an arbitrary z takes D.
+
+    Where the steps act (``acts_on``):
+
+    * ``"noise"`` (the default): on standard normal noise u, and then
+      ``z = mu + sigma * f(u)``. The steps work in the units of q's own width, so the
+      same weights mean the same shape of q whatever the posterior's scale, and the
+      optimiser's steps for them need no knowledge of it: a posterior with standard
+      deviation 1e-3 is as easy to improve as one with 1 (``tests/test_battery.py``).
+    * ``"latent"``: on ``z_0 = mu + sigma * u``, as in Kingma et al.'s figure; the family
+      of runs saved before the default changed. A step's weights then act in the
+      posterior's units, and a step of fixed length in a weight moves a peaked q by many
+      of its widths, so its per-datapoint optimum is hard to reach (RESULTS.md, issue 17).
 
     ``lam = [mu, log sigma, step_1, ..., step_K]`` and every step holds its network's
     weights ``W1 (H, D), b1 (H), W2 (2D, H), b2 (2D)``: per datapoint, the whole flow is
@@ -244,17 +263,25 @@ class InverseAutoregressiveFlow(VariationalFamily):
     """
 
     name = "iaf"
-    #: fit_local's learning rate for the networks' weights, relative to mu and log sigma
-    weight_lr_scale = 0.25
+    check_every = 100
+    #: the optimiser's step length for the networks' weights, in the units of
+    #: :meth:`step_scale` (times 2 / sqrt(fan-in) for W1 and W2); with ``acts_on="latent"``
+    #: every weight's length is 0.25
+    weight_step = 0.1
+    ACTS_ON = ("noise", "latent")
 
-    def __init__(self, latent_dim: int, layers: int = 2, hidden: int | None = None):
+    def __init__(self, latent_dim: int, layers: int = 2, hidden: int | None = None,
+                 acts_on: str = "noise"):  # fmt: skip
         super().__init__(latent_dim)
         hidden = 2 * latent_dim if hidden is None else hidden
         if layers < 1 or hidden < 1:
             raise ValueError(f"layers and hidden must be >= 1, got {layers} and {hidden}")
-        self.layers, self.hidden = layers, hidden
+        if acts_on not in self.ACTS_ON:
+            raise ValueError(f"acts_on must be 'noise' or 'latent', got {acts_on!r}")
+        self.layers, self.hidden, self.acts_on = layers, hidden, acts_on
         self.layout = _IAFLayout(latent_dim, hidden)
         self._masks = [made_masks(latent_dim, hidden, reverse=k % 2 == 1) for k in range(layers)]
+        self._weight_steps = self._weight_step_lengths()
 
     @property
     def num_params(self) -> int:
@@ -290,15 +317,27 @@ class InverseAutoregressiveFlow(VariationalFamily):
         return meta
 
     def transforms(self, lam: Tensor) -> list[Transform]:
-        return self._transforms(self.split(lam)[2])
+        """The maps from the base distribution's draw to z (with ``acts_on="noise"`` the
+        IAF steps, then the scale and shift)."""
+        loc, log_scale, steps = self.split(lam)
+        return self._transforms(loc, log_scale, steps)
 
-    def _transforms(self, steps: list[dict[str, Tensor]]) -> list[Transform]:
-        return [_AutoregressiveStep(self._conditioner(s), self.latent_dim) for s in steps]
+    def _transforms(self, loc: Tensor, log_scale: Tensor, steps: list[dict[str, Tensor]]
+                    ) -> list[Transform]:  # fmt: skip
+        iaf = [_AutoregressiveStep(self._conditioner(s), self.latent_dim) for s in steps]
+        if self.acts_on == "latent":
+            return iaf
+        return [*iaf, AffineTransform(loc, log_scale.exp(), event_dim=1, cache_size=1)]
+
+    def _base(self, loc: Tensor, log_scale: Tensor) -> Independent:
+        if self.acts_on == "latent":
+            return Independent(Normal(loc, log_scale.exp()), 1)
+        return Independent(Normal(torch.zeros_like(loc), torch.ones_like(loc)), 1)
 
     def _distribution(self, lam: Tensor) -> TransformedDistribution:
         loc, log_scale, steps = self.split(lam)
-        base = Independent(Normal(loc, log_scale.exp()), 1)
-        return TransformedDistribution(base, self._transforms(steps))
+        return TransformedDistribution(self._base(loc, log_scale),
+                                       self._transforms(loc, log_scale, steps))  # fmt: skip
 
     def _identity_steps(self, device=None, dtype=None) -> Tensor:
         """One datapoint's flow weights making every step the identity: W2 = b2 = 0.
@@ -314,16 +353,24 @@ class InverseAutoregressiveFlow(VariationalFamily):
             parts += [w1.flatten(), torch.zeros(h + 2 * d * h + 2 * d)]
         return torch.cat(parts).to(device=device, dtype=dtype)
 
-    def lr_scale(self, device=None, dtype=None) -> Tensor:
-        scale = torch.full((self.num_params,), self.weight_lr_scale, device=device, dtype=dtype)
-        scale[: 2 * self.latent_dim] = 1.0  # the base Gaussian's mu and log sigma
-        return scale
+    def _weight_step_lengths(self) -> Tensor:
+        """One datapoint's step lengths for the flow's weights ``(num_params - 2D,)``:
+        ``weight_step`` for a bias and ``2 weight_step / sqrt(fan-in)`` for W1 and W2, so
+        a step of every weight of a unit moves its output by about ``2 weight_step``
+        (``acts_on="noise"``); 0.25 for every weight with ``acts_on="latent"``."""
+        lay, c = self.layout, self.weight_step
+        if self.acts_on == "latent":
+            return torch.full((self.layers * lay.size,), 0.25)
+        fan_in = {"w1": self.latent_dim, "w2": self.hidden}
+        one = [torch.full((lay.sizes[k],), 2 * c / math.sqrt(fan_in[k]) if k in fan_in else c)
+               for k in lay.shapes]  # fmt: skip
+        return torch.cat(one).repeat(self.layers)
 
     def step_scale(self, lam: Tensor) -> Tensor:
-        """The base Gaussian's entries as in :class:`DiagonalGaussian`, the weights'
-        ``weight_lr_scale``."""
+        """The base Gaussian's entries as in :class:`DiagonalGaussian`, the weights' as
+        :meth:`_weight_step_lengths` says."""
         base = gaussian_step_scale(lam, self.latent_dim)
-        weights = torch.full_like(lam[..., base.shape[-1] :], self.weight_lr_scale)
+        weights = self._weight_steps.to(lam).expand(*lam.shape[:-1], -1)
         return torch.cat([base, weights], dim=-1)
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
@@ -336,15 +383,20 @@ class InverseAutoregressiveFlow(VariationalFamily):
 
     def mean(self, lam: Tensor) -> Tensor:
         """E_q[z] has no closed form; the flow applied to the base mean is returned."""
-        return _flow_of_base_mean(self, lam)
+        loc, log_scale, steps = self.split(lam)
+        z = self._base(loc, log_scale).mean
+        for t in self._transforms(loc, log_scale, steps):
+            z = t(z)
+        return z
 
     def amortized_head(self, in_features: int) -> nn.Module:
         return IAFHead(self, in_features)
 
     def __repr__(self) -> str:
+        on = "" if self.acts_on == "noise" else f", acts_on={self.acts_on!r}"
         return (
             f"InverseAutoregressiveFlow(latent_dim={self.latent_dim}, layers={self.layers}, "
-            f"hidden={self.hidden})"
+            f"hidden={self.hidden}{on})"
         )
 
 

@@ -29,7 +29,7 @@ def fit_local(
     steps: int = 2000,
     lr: float = 0.02,
     samples: int = 8,
-    check_every: int = 50,
+    check_every: int | None = None,
     tol: float = 0.01,
     lr_decay: float = 0.5,
     max_decays: int = 4,
@@ -45,11 +45,12 @@ def fit_local(
     :meth:`~amortized.families.VariationalFamily.step_scale`, so a mean moves relative to
     q's width) with its own step size. Every ``check_every`` steps its ELBO is estimated
     from a fixed set of ``check_samples`` draws; a row that did not gain more than ``tol``
-    nats since its best iterate goes back to that iterate, multiplies its step size by
-    ``lr_decay`` and restarts its Adam moments (as it also does when its gradients' scale
-    has fallen tenfold, ``restart_ratio``). After ``max_decays`` plateaus the row has
-    converged and stops (it costs nothing from then on). No row runs more than ``steps``
-    steps. Model parameters get no gradients. See :mod:`amortized.inference.optimiser`.
+    nats over its best iterate multiplies its step size by ``lr_decay`` and restarts its
+    Adam moments (as it also does when its gradients' scale has fallen tenfold,
+    ``restart_ratio``). After ``max_decays`` plateaus the row has converged and stops (it
+    costs nothing from then on). No row runs more than ``steps`` steps, and each returns
+    its best iterate. Model parameters get no gradients. See
+    :mod:`amortized.inference.optimiser`.
 
     Arguments:
         model: the generative model p(x, z), held fixed.
@@ -59,6 +60,8 @@ def fit_local(
             the prior's parameters by default.
         lr: Adam's step size, in units of each entry's step scale.
         samples: reparameterized samples per gradient estimate.
+        check_every: steps between checks; by default the family's ``check_every``
+            (50 for the Gaussians, 100 for the IAF).
         tol: with ``-inf`` no row can plateau, every row takes every step, the checks draw
             nothing and the result is the last iterate.
         batch_size: rows optimised together (all of x by default); rows are independent,
@@ -78,6 +81,7 @@ def fit_local(
         torch.Size([5, 4])
     """
     n = x.shape[0]
+    check_every = family.check_every if check_every is None else check_every
     if init is None:
         init = family.prior_init(n, device=x.device, dtype=x.dtype)
     if init.shape != (n, family.num_params):

@@ -22,10 +22,14 @@ battery of ``tests/battery.py`` (``benchmarks/battery.py``):
 * **Best iterate under common draws.** Every ``check_every`` steps each row's ELBO is
   estimated from one fixed set of ``check_samples`` draws (common random numbers: the
   same noise for every check, so two iterates are compared without Monte Carlo noise in
-  their difference). A row that did not improve by ``tol`` reaches a plateau: it goes
-  back to its best iterate, its step size is multiplied by ``lr_decay`` and its moments
-  restart. The result is each row's best iterate, never a worse last one, so a family
-  started at another family's q* cannot end below its start.
+  their difference). A row that did not improve by ``tol`` reaches a plateau: its step
+  size is multiplied by ``lr_decay`` and its moments restart. The result is each row's
+  best iterate, never a worse last one, so a family started at another family's q*
+  cannot end below its start. The iterate itself is not sent back to the best one: a
+  flow started at a Gaussian's q* first loses ground (its fresh weights' first steps
+  are as long as those of a converged Gaussian) and gains more than it lost only
+  hundreds of steps later, which a return to the best iterate at every check never
+  allows (RESULTS.md, issue 17: 0.01 nats gained instead of 1.2 on MNIST images).
 * **A certificate per row.** After ``max_decays`` plateaus a row has converged and
   leaves the computation. Each row also carries ``remaining``, an estimate of what more
   steps would still gain: the last window's gain extrapolated geometrically with the
@@ -302,7 +306,6 @@ class LambdaOptimiser:
             plateau = gain <= self.tol
             self.best[idx] = torch.where(improved, value, best)
             self.best_lam[idx] = torch.where(improved[:, None], lam_a, self.best_lam[idx])
-            lam_a = torch.where(plateau[:, None], self.best_lam[idx], lam_a)  # roll back
             self.gains[:, idx] = torch.stack([self.gains[1, idx], gain.clamp_min(0)])
             restart |= plateau
         else:

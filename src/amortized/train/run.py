@@ -31,7 +31,10 @@ class Trained:
 
 #: Fields added since runs were first saved whose default is not what those runs did:
 #: a saved config without them gets the value that reproduces it.
-_BEFORE_THEM = {"valid_points": 0}  # the whole validation split, every epoch
+_BEFORE_THEM = {
+    "valid_points": 0,  # the whole validation split, every epoch
+    "iaf_acts_on": "latent",  # the IAF's steps acted on z
+}
 
 
 def _completed(config: dict) -> dict:
@@ -59,7 +62,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Trained:
             + (hint if (run_dir / "checkpoint.pt").exists() else "")
         )
     state = load_checkpoint(path, map_location=device)
-    config = from_dict(TrainConfig, state["config"])
+    config = from_dict(TrainConfig, _completed(state["config"]))
     image_shape = tuple(state["image_shape"]) or None
     model, encoder, family = build(config, state["data_dim"], image_shape)
     try:
