@@ -118,7 +118,8 @@ def test_a_capacity_row_is_its_saved_encoder_on_the_saved_decoder(study, tiny_np
     with torch.no_grad():
         value = elbo(trained.model, trained.family, encoder(x), x, samples=20).mean().item()
     row = results["capacity"]["encoders"]["large, trained on the fixed decoder"]
-    assert value == pytest.approx(row["test"]["elbo_amortized"]["mean"], abs=1e-5)
+    # the same draws and weights; the report sums its rows in another order (float32)
+    assert value == pytest.approx(row["test"]["elbo_amortized"]["mean"], rel=1e-6)
 
 
 def test_the_report_and_figures_are_written_and_a_rerun_measures_nothing(study, tiny_npz,

@@ -60,7 +60,7 @@ RefineMethod = Literal["adam", "sgd"]
 LrSchedule = Literal["constant", "burda", "cosine"]
 KlSchedule = Literal["linear", "sigmoid"]
 FreeBitsMode = Literal["dimension", "total"]
-IafActsOn = Literal["noise", "latent"]
+FlowActsOn = Literal["noise", "latent"]
 LocalInit = Literal["encoder", "prior"]
 Split = Literal["train", "valid", "test"]
 
@@ -114,10 +114,10 @@ class TrainConfig:
     pixelcnn_kernel: int = field(default=5, metadata=_help("kernel width of the PixelCNN", ge=3))
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
     family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
-    iaf_acts_on: IafActsOn = field(
+    flow_acts_on: FlowActsOn = field(
         default="noise",
-        metadata=_help("noise: the iaf's steps act on the base Gaussian's standard noise; "
-                       "latent: on z (runs saved before 2026-12-01)"),
+        metadata=_help("noise: the planar or iaf flow acts on the base Gaussian's standard "
+                       "noise; latent: on z (runs saved before 2026-12-01)"),
     )  # fmt: skip
     objective: Objective = field(default="elbo", metadata=_help("elbo or iwae"))
     samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)", ge=1))

@@ -87,20 +87,69 @@ class PlanarTransform(Transform):
         return torch.log(torch.abs(1 + (1 - torch.tanh(a).square()) * wu))
 
 
-def _flow_of_base_mean(family, lam: Tensor) -> Tensor:
-    """The family's transforms applied to its base Gaussian's mean (lam's first D entries)."""
-    z = lam[..., : family.latent_dim]
-    for t in family.transforms(lam):
-        z = t(z)
-    return z
+class _Flow(VariationalFamily):
+    """A diagonal Gaussian's scale and shift and a flow's invertible maps, in one of two
+    frames (``acts_on``):
+
+    * ``"noise"`` (the default): the maps act on standard normal noise u and then
+      ``z = mu + sigma * f(u)``. They work in the units of q's own width, so the same map
+      parameters mean the same shape of q whatever the posterior's scale, and the
+      optimiser's steps for them need no knowledge of it: a posterior with standard
+      deviation 1e-3 is as easy to improve as one with 1 (``tests/test_battery.py``).
+    * ``"latent"``: the maps act on ``z_0 = mu + sigma * u``, as in Rezende & Mohamed's and
+      Kingma et al.'s figures; the frame of runs saved before the default changed. A map
+      then acts in the posterior's units, and a step of fixed length in its parameters
+      moves a peaked q by many of its widths, so its per-datapoint optimum is hard to
+      reach (RESULTS.md, issue 17).
+    """
+
+    ACTS_ON = ("noise", "latent")
+
+    def __init__(self, latent_dim: int, acts_on: str):
+        super().__init__(latent_dim)
+        if acts_on not in self.ACTS_ON:
+            raise ValueError(f"acts_on must be 'noise' or 'latent', got {acts_on!r}")
+        self.acts_on = acts_on
+
+    def _maps(self, lam: Tensor) -> tuple[Tensor, Tensor, list[Transform]]:
+        """mu, log sigma and the flow's own maps."""
+        raise NotImplementedError
+
+    def _framed(self, loc: Tensor, log_scale: Tensor, maps: list[Transform]
+                ) -> tuple[Independent, list[Transform]]:  # fmt: skip
+        """The base distribution and the transforms from its draw to z."""
+        if self.acts_on == "latent":
+            return Independent(Normal(loc, log_scale.exp()), 1), maps
+        base = Independent(Normal(torch.zeros_like(loc), torch.ones_like(loc)), 1)
+        return base, [*maps, AffineTransform(loc, log_scale.exp(), event_dim=1, cache_size=1)]
+
+    def transforms(self, lam: Tensor) -> list[Transform]:
+        """The maps from the base distribution's draw to z (with ``acts_on="noise"`` the
+        flow's maps, then the scale and shift)."""
+        return self._framed(*self._maps(lam))[1]
+
+    def _distribution(self, lam: Tensor) -> TransformedDistribution:
+        return TransformedDistribution(*self._framed(*self._maps(lam)))
+
+    def mean(self, lam: Tensor) -> Tensor:
+        """E_q[z] has no closed form; the flow applied to the base mean is returned."""
+        base, transforms = self._framed(*self._maps(lam))
+        z = base.mean
+        for t in transforms:
+            z = t(z)
+        return z
+
+    def _frame_repr(self) -> str:
+        return "" if self.acts_on == "noise" else f", acts_on={self.acts_on!r}"
 
 
-class PlanarFlow(VariationalFamily):
-    r"""q(z; lam): N(mu, diag(sigma^2)) followed by ``layers`` planar maps, all per datapoint.
+class PlanarFlow(_Flow):
+    r"""q(z; lam): ``layers`` planar maps and a diagonal Gaussian, all per datapoint.
 
     ``lam = [mu, log sigma, (u_1, w_1, b_1), ..., (u_K, w_K, b_K)]``, so
     ``num_params = 2D + K (2D + 1)``. The prior initialisation makes every planar map the
-    identity, so q starts at N(0, I).
+    identity, so q starts at N(0, I). The maps act on the standard noise by default, or
+    on z (``acts_on``, :class:`_Flow`).
 
     Example:
         >>> family = PlanarFlow(2, layers=3)
@@ -113,8 +162,8 @@ class PlanarFlow(VariationalFamily):
 
     name = "planar"
 
-    def __init__(self, latent_dim: int, layers: int = 4):
-        super().__init__(latent_dim)
+    def __init__(self, latent_dim: int, layers: int = 4, acts_on: str = "noise"):
+        super().__init__(latent_dim, acts_on)
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.layers = layers
@@ -124,18 +173,13 @@ class PlanarFlow(VariationalFamily):
         d = self.latent_dim
         return 2 * d + self.layers * (2 * d + 1)
 
-    def transforms(self, lam: Tensor) -> list[PlanarTransform]:
+    def _maps(self, lam: Tensor) -> tuple[Tensor, Tensor, list[Transform]]:
         d = self.latent_dim
-        out = []
+        maps = []
         for k in range(self.layers):
             p = lam[..., 2 * d + k * (2 * d + 1) : 2 * d + (k + 1) * (2 * d + 1)]
-            out.append(PlanarTransform(p[..., :d], p[..., d : 2 * d], p[..., 2 * d]))
-        return out
-
-    def _distribution(self, lam: Tensor) -> TransformedDistribution:
-        d = self.latent_dim
-        base = Independent(Normal(lam[..., :d], lam[..., d : 2 * d].exp()), 1)
-        return TransformedDistribution(base, self.transforms(lam))
+            maps.append(PlanarTransform(p[..., :d], p[..., d : 2 * d], p[..., 2 * d]))
+        return lam[..., :d], lam[..., d : 2 * d], maps
 
     def prior_init(self, batch: int, device=None, dtype=None) -> Tensor:
         d = self.latent_dim
@@ -143,10 +187,6 @@ class PlanarFlow(VariationalFamily):
         layer = torch.cat([LOG_E_MINUS_1 * w, w, w.new_zeros(1)])  # u, w, b: identity map
         lam = torch.cat([w.new_zeros(2 * d), layer.repeat(self.layers)])
         return lam.expand(batch, -1).clone()
-
-    def mean(self, lam: Tensor) -> Tensor:
-        """E_q[z] has no closed form; the flow applied to the base mean is returned."""
-        return _flow_of_base_mean(self, lam)
 
     def step_scale(self, lam: Tensor) -> Tensor:
         """The base Gaussian's entries as in :class:`DiagonalGaussian`, the maps' 1."""
@@ -158,7 +198,7 @@ class PlanarFlow(VariationalFamily):
         return torch.cat([loc, log_scale, flows.expand(*loc.shape[:-1], -1)], dim=-1)
 
     def __repr__(self) -> str:
-        return f"PlanarFlow(latent_dim={self.latent_dim}, layers={self.layers})"
+        return f"PlanarFlow(latent_dim={self.latent_dim}, layers={self.layers}{self._frame_repr()})"
 
 
 def made_masks(latent_dim: int, hidden: int, reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -219,7 +259,7 @@ class _IAFLayout:
         self.size = sum(self.sizes.values())
 
 
-class InverseAutoregressiveFlow(VariationalFamily):
+class InverseAutoregressiveFlow(_Flow):
     r"""q(z; lam): ``layers`` IAF steps and a diagonal Gaussian's scale and shift, per datapoint.
 
     Each step (Kingma et al. 2016) maps eps to ``exp(a(eps)) * eps + b(eps)``, where
@@ -230,17 +270,7 @@ class InverseAutoregressiveFlow(VariationalFamily):
     soft-clips a to (-6.9, 6.9)); sampling and the density of one's own samples take one
     pass, the inverse at an arbitrary z takes D.
 
-    Where the steps act (``acts_on``):
-
-    * ``"noise"`` (the default): on standard normal noise u, and then
-      ``z = mu + sigma * f(u)``. The steps work in the units of q's own width, so the
-      same weights mean the same shape of q whatever the posterior's scale, and the
-      optimiser's steps for them need no knowledge of it: a posterior with standard
-      deviation 1e-3 is as easy to improve as one with 1 (``tests/test_battery.py``).
-    * ``"latent"``: on ``z_0 = mu + sigma * u``, as in Kingma et al.'s figure; the family
-      of runs saved before the default changed. A step's weights then act in the
-      posterior's units, and a step of fixed length in a weight moves a peaked q by many
-      of its widths, so its per-datapoint optimum is hard to reach (RESULTS.md, issue 17).
+    The steps act on the standard noise by default, or on z (``acts_on``, :class:`_Flow`).
 
     ``lam = [mu, log sigma, step_1, ..., step_K]`` and every step holds its network's
     weights ``W1 (H, D), b1 (H), W2 (2D, H), b2 (2D)``: per datapoint, the whole flow is
@@ -268,17 +298,14 @@ class InverseAutoregressiveFlow(VariationalFamily):
     #: :meth:`step_scale` (times 2 / sqrt(fan-in) for W1 and W2); with ``acts_on="latent"``
     #: every weight's length is 0.25
     weight_step = 0.1
-    ACTS_ON = ("noise", "latent")
 
     def __init__(self, latent_dim: int, layers: int = 2, hidden: int | None = None,
                  acts_on: str = "noise"):  # fmt: skip
-        super().__init__(latent_dim)
+        super().__init__(latent_dim, acts_on)
         hidden = 2 * latent_dim if hidden is None else hidden
         if layers < 1 or hidden < 1:
             raise ValueError(f"layers and hidden must be >= 1, got {layers} and {hidden}")
-        if acts_on not in self.ACTS_ON:
-            raise ValueError(f"acts_on must be 'noise' or 'latent', got {acts_on!r}")
-        self.layers, self.hidden, self.acts_on = layers, hidden, acts_on
+        self.layers, self.hidden = layers, hidden
         self.layout = _IAFLayout(latent_dim, hidden)
         self._masks = [made_masks(latent_dim, hidden, reverse=k % 2 == 1) for k in range(layers)]
         self._weight_steps = self._weight_step_lengths()
@@ -316,28 +343,10 @@ class InverseAutoregressiveFlow(VariationalFamily):
 
         return meta
 
-    def transforms(self, lam: Tensor) -> list[Transform]:
-        """The maps from the base distribution's draw to z (with ``acts_on="noise"`` the
-        IAF steps, then the scale and shift)."""
+    def _maps(self, lam: Tensor) -> tuple[Tensor, Tensor, list[Transform]]:
         loc, log_scale, steps = self.split(lam)
-        return self._transforms(loc, log_scale, steps)
-
-    def _transforms(self, loc: Tensor, log_scale: Tensor, steps: list[dict[str, Tensor]]
-                    ) -> list[Transform]:  # fmt: skip
-        iaf = [_AutoregressiveStep(self._conditioner(s), self.latent_dim) for s in steps]
-        if self.acts_on == "latent":
-            return iaf
-        return [*iaf, AffineTransform(loc, log_scale.exp(), event_dim=1, cache_size=1)]
-
-    def _base(self, loc: Tensor, log_scale: Tensor) -> Independent:
-        if self.acts_on == "latent":
-            return Independent(Normal(loc, log_scale.exp()), 1)
-        return Independent(Normal(torch.zeros_like(loc), torch.ones_like(loc)), 1)
-
-    def _distribution(self, lam: Tensor) -> TransformedDistribution:
-        loc, log_scale, steps = self.split(lam)
-        return TransformedDistribution(self._base(loc, log_scale),
-                                       self._transforms(loc, log_scale, steps))  # fmt: skip
+        d = self.latent_dim
+        return loc, log_scale, [_AutoregressiveStep(self._conditioner(p), d) for p in steps]
 
     def _identity_steps(self, device=None, dtype=None) -> Tensor:
         """One datapoint's flow weights making every step the identity: W2 = b2 = 0.
@@ -381,22 +390,13 @@ class InverseAutoregressiveFlow(VariationalFamily):
         zeros = torch.zeros(batch, self.latent_dim, device=device, dtype=dtype)
         return self.from_gaussian(zeros, zeros)
 
-    def mean(self, lam: Tensor) -> Tensor:
-        """E_q[z] has no closed form; the flow applied to the base mean is returned."""
-        loc, log_scale, steps = self.split(lam)
-        z = self._base(loc, log_scale).mean
-        for t in self._transforms(loc, log_scale, steps):
-            z = t(z)
-        return z
-
     def amortized_head(self, in_features: int) -> nn.Module:
         return IAFHead(self, in_features)
 
     def __repr__(self) -> str:
-        on = "" if self.acts_on == "noise" else f", acts_on={self.acts_on!r}"
         return (
             f"InverseAutoregressiveFlow(latent_dim={self.latent_dim}, layers={self.layers}, "
-            f"hidden={self.hidden}{on})"
+            f"hidden={self.hidden}{self._frame_repr()})"
         )
 
 

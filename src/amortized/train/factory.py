@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig, check_fields, choices
-from ..families import FAMILIES, InverseAutoregressiveFlow, VariationalFamily
+from ..families import FAMILIES, InverseAutoregressiveFlow, PlanarFlow, VariationalFamily
 from ..inference.routes import ROUTES, route_for
 from ..memory import free_memory, gib
 from ..model import LatentVariableModel
@@ -140,8 +140,8 @@ def build(
 
 def _networks(config: TrainConfig, data_dim: int, image_shape
               ) -> tuple[LatentVariableModel, nn.Module, VariationalFamily]:  # fmt: skip
-    iaf = config.family == InverseAutoregressiveFlow.name
-    options = {"acts_on": config.iaf_acts_on} if iaf else {}
+    flow = config.family in (PlanarFlow.name, InverseAutoregressiveFlow.name)
+    options = {"acts_on": config.flow_acts_on} if flow else {}
     family = FAMILIES[config.family](config.latent_dim, **options)
     model = LatentVariableModel(_decoder(config, data_dim, image_shape), config.latent_dim)
     encoder = route_for(config).build_encoder(

@@ -91,19 +91,36 @@ def _aggressive_encoder_steps(config, model, encoder, family, optimizer, draw, b
     return AGGRESSIVE_MAX_STEPS
 
 
+#: Offsets of the seeds of what is measured on the side of training, from ``config.seed``.
+VALIDATION_STREAM, DIAGNOSTICS_STREAM = 7919, 7927
+
+
+@contextlib.contextmanager
+def _own_stream(seed: int, device: torch.device):
+    """Draws from a stream of their own, the same at every call: what is measured after an
+    epoch leaves training's random numbers as they were (so how much is measured cannot
+    change what is trained), and every epoch is scored under the same draws (so two
+    epochs' scores differ by the model, not by the draws: common random numbers)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, world) -> float:
     """Mean validation ELBO; with several processes each scores its share and they add up."""
-    if world.size == 1:
-        return evaluate_elbo(model, encoder, family, x, config.valid_samples, config=config)
-    share = x[world.rank :: world.size]
-    local = evaluate_elbo(model, encoder, family, share, config.valid_samples, config=config)
+    with _own_stream(config.seed + VALIDATION_STREAM + world.rank, x.device):
+        if world.size == 1:
+            return evaluate_elbo(model, encoder, family, x, config.valid_samples, config=config)
+        share = x[world.rank :: world.size]
+        local = evaluate_elbo(model, encoder, family, share, config.valid_samples, config=config)
     return distributed.all_sum(local * share.shape[0], world) / x.shape[0]
 
 
-def _latent_record(model, encoder, family, x: Tensor, epoch: int, warn: bool = True) -> dict:
+def _latent_record(model, encoder, family, x: Tensor, epoch: int, seed: int,
+                   warn: bool = True) -> dict:  # fmt: skip
     """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
     collapse (:func:`amortized.measure.diagnostics.collapse_warning`) when ``warn``."""
-    with torch.no_grad():
+    with torch.no_grad(), _own_stream(seed + DIAGNOSTICS_STREAM, x.device):
         diag = latent_diagnostics(family, encoder(x), model.prior)
     message = collapse_warning(diag)
     if message is not None and warn:
@@ -278,7 +295,7 @@ class _VAEEpochs:
             # doing); a decoder cut off from z collapses the code by design: logged only
             warn = config.decoder_uses_z and beta >= 1.0 and not self.warned_collapse
             record.update(_latent_record(model, encoder, self.family, self.diagnostics_x,
-                                         self.epoch, warn=warn))  # fmt: skip
+                                         self.epoch, config.seed, warn=warn))  # fmt: skip
             self.warned_collapse |= warn and record["collapsing"]
         if self.gap_x and self.epoch % config.gap_every == 0 and world.main:
             record["gaps"] = self._gaps()

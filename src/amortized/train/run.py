@@ -33,7 +33,7 @@ class Trained:
 #: a saved config without them gets the value that reproduces it.
 _BEFORE_THEM = {
     "valid_points": 0,  # the whole validation split, every epoch
-    "iaf_acts_on": "latent",  # the IAF's steps acted on z
+    "flow_acts_on": "latent",  # the planar and IAF flows acted on z
 }
 
 
