@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from amortized import gap_report
+from amortized import InverseAutoregressiveFlow, gap_report
 from amortized.config import ConfigError, TrainConfig, load_config, save_config, to_dict
 from amortized.data import Dataset, load_dataset
 from amortized.inference.iterative import IterativeEncoder
@@ -291,26 +291,34 @@ def test_iaf_family_trains_its_shared_weights_and_burda_schedule_sets_the_rate(t
         torch.testing.assert_close(reloaded.encoder(x), trained.encoder(x))
 
 
-def test_an_iaf_run_saved_before_acts_on_existed_loads_as_the_latent_flow(tiny_data, tmp_path):
-    """Runs saved before the setting trained the flow on z; loading one as the default
-    (noise) flow would silently give another q for the same weights."""
-    config = TrainConfig(**{**TINY, "epochs": 1}, family="iaf", flow_acts_on="latent")
-    trained = train(config, tmp_path, dataset=tiny_data)
-    path = tmp_path / "model.pt"
-    state = load_checkpoint(path)
-    del state["config"]["flow_acts_on"]  # as an older run saved it
-    save_atomic(state, path)
-    loaded = load_run(tmp_path)
-    assert loaded.family.acts_on == "latent" and loaded.config == config
+def test_a_flow_encoder_family_acts_where_its_run_says(tiny_data, tmp_path):
+    """A run trains its flow family in the frame its config names (on z by default, as
+    runs saved before the setting did), and loads it in that frame: loading one in the
+    other would give another q for the same weights."""
+    config = TrainConfig(**{**TINY, "epochs": 1}, family="iaf", flow_acts_on="noise")
+    trained = train(config, tmp_path / "noise", dataset=tiny_data)
+    loaded = load_run(tmp_path / "noise")
+    assert loaded.family.acts_on == "noise" and loaded.config == config
     x = tiny_data.test[:4].bernoulli(generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         lam = trained.encoder(x)
         z = trained.family.distribution(lam).sample((3,))
         torch.testing.assert_close(loaded.family.distribution(lam).log_prob(z),
                                    trained.family.distribution(lam).log_prob(z))  # fmt: skip
-    # resuming it with today's default is refused, naming the setting
+        other = InverseAutoregressiveFlow(2, acts_on="latent")
+        assert not torch.allclose(other.distribution(lam).log_prob(z),
+                                  loaded.family.distribution(lam).log_prob(z))  # fmt: skip
+    # resuming it in the other frame is refused, naming the setting
     with pytest.raises(ConfigError, match="flow_acts_on"):
-        train(TrainConfig(**{**TINY, "epochs": 2}, family="iaf"), tmp_path, dataset=tiny_data)
+        train(replace(config, epochs=2, flow_acts_on="latent"), tmp_path / "noise",
+              dataset=tiny_data)  # fmt: skip
+    # a run saved before the setting existed trained on z, today's default
+    path = tmp_path / "old" / "model.pt"
+    train(replace(config, flow_acts_on="latent"), tmp_path / "old", dataset=tiny_data)
+    state = load_checkpoint(path)
+    del state["config"]["flow_acts_on"]
+    save_atomic(state, path)
+    assert load_run(tmp_path / "old").family.acts_on == "latent"
 
 
 def test_a_decoder_cut_off_from_z_logs_its_collapse_without_warning(tiny_data, tmp_path):

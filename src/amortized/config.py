@@ -115,9 +115,10 @@ class TrainConfig:
     activation: str = field(default="tanh", metadata=_help("tanh, relu, elu or softplus"))
     family: str = field(default="diagonal", metadata=_help("diagonal, fullcov, planar or iaf"))
     flow_acts_on: FlowActsOn = field(
-        default="noise",
-        metadata=_help("noise: the planar or iaf flow acts on the base Gaussian's standard "
-                       "noise; latent: on z (runs saved before 2026-12-01)"),
+        default="latent",
+        metadata=_help("where the planar or iaf encoder family's maps act: latent (on z; "
+                       "trains the better planar VAE) or noise (on the base Gaussian's "
+                       "standard noise, the frame of the flows' per-datapoint q*)"),
     )  # fmt: skip
     objective: Objective = field(default="elbo", metadata=_help("elbo or iwae"))
     samples: int = field(default=1, metadata=_help("samples per datapoint (k of IWAE-k)", ge=1))

@@ -97,10 +97,11 @@ class _Flow(VariationalFamily):
       optimiser's steps for them need no knowledge of it: a posterior with standard
       deviation 1e-3 is as easy to improve as one with 1 (``tests/test_battery.py``).
     * ``"latent"``: the maps act on ``z_0 = mu + sigma * u``, as in Rezende & Mohamed's and
-      Kingma et al.'s figures; the frame of runs saved before the default changed. A map
-      then acts in the posterior's units, and a step of fixed length in its parameters
-      moves a peaked q by many of its widths, so its per-datapoint optimum is hard to
-      reach (RESULTS.md, issue 17).
+      Kingma et al.'s figures. A map then acts in the posterior's units, and a step of
+      fixed length in its parameters moves a peaked q by many of its widths, so its
+      per-datapoint optimum is hard to reach. As an encoder's family it trained the
+      better planar VAE, so training uses it by default (``TrainConfig.flow_acts_on``;
+      RESULTS.md, issue 17).
     """
 
     ACTS_ON = ("noise", "latent")

@@ -31,10 +31,7 @@ class Trained:
 
 #: Fields added since runs were first saved whose default is not what those runs did:
 #: a saved config without them gets the value that reproduces it.
-_BEFORE_THEM = {
-    "valid_points": 0,  # the whole validation split, every epoch
-    "flow_acts_on": "latent",  # the planar and IAF flows acted on z
-}
+_BEFORE_THEM = {"valid_points": 0}  # the whole validation split, every epoch
 
 
 def _completed(config: dict) -> dict:
