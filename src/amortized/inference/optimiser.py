@@ -26,10 +26,11 @@ battery of ``tests/battery.py`` (``benchmarks/battery.py``):
   size is multiplied by ``lr_decay`` and its moments restart. The result is each row's
   best iterate, never a worse last one, so a family started at another family's q*
   cannot end below its start. The iterate itself is not sent back to the best one: a
-  flow started at a Gaussian's q* first loses ground (its fresh weights' first steps
-  are as long as those of a converged Gaussian) and gains more than it lost only
-  hundreds of steps later, which a return to the best iterate at every check never
-  allows (RESULTS.md, issue 17: 0.01 nats gained instead of 1.2 on MNIST images).
+  flow started at a Gaussian's q* first loses ground (its converged base Gaussian
+  jitters at the full step size, and its fresh weights' first steps are long) and gains
+  more than it lost only hundreds of steps later, which a return to the best iterate at
+  every check never allows (RESULTS.md, issue 17: 0.01 nats gained instead of 1.2 on
+  MNIST images).
 * **A certificate per row.** After ``max_decays`` plateaus a row has converged and
   leaves the computation. Each row also carries ``remaining``, an estimate of what more
   steps would still gain: the last window's gain extrapolated geometrically with the
