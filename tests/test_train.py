@@ -251,12 +251,12 @@ def test_what_is_measured_after_an_epoch_leaves_training_and_its_draws_alone(tin
     # best epoch's score exactly
     from amortized.distributed import World
     from amortized.train import evaluation_subset
-    from amortized.train.loop import _validation_elbo
+    from amortized.train.bounds import validation_elbo
 
     run = load_run(tmp_path / "a")
     valid = evaluation_subset(prepare_split(tiny_data, "valid", "bernoulli", 0),
                               run.config.valid_points, run.config.seed)  # fmt: skip
-    again = _validation_elbo(run.model, run.encoder, run.family, valid, run.config, World())
+    again = validation_elbo(run.model, run.encoder, run.family, valid, run.config, World())
     assert again == pytest.approx(a[-1]["best_valid_elbo"], abs=1e-9)
 
 

@@ -3,14 +3,18 @@
 :func:`training_bounds` asks the config's route (:mod:`amortized.inference.routes`) for
 the per-row bounds that train the model and the encoder, built on the config's objective
 (:func:`_objective`: ELBO with the KL weight and free bits, or IWAE-k);
-:func:`evaluate_elbo` scores the q a route computes.
+:func:`evaluate_elbo` scores the q a route computes, and :func:`validation_elbo` scores
+it after an epoch, on a random stream of its own (:func:`own_stream`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import TrainConfig
 from ..estimators import elbo, iwae_bound, kl_to_prior
 from ..families import VariationalFamily
@@ -18,7 +22,7 @@ from ..inference.routes import Amortized, Route, route_for
 from ..measure.diagnostics import kl_per_dimension
 from ..model import LatentVariableModel
 
-__all__ = ["free_bits_kl", "training_bounds", "evaluate_elbo"]
+__all__ = ["free_bits_kl", "training_bounds", "evaluate_elbo", "validation_elbo", "own_stream"]
 
 
 def free_bits_kl(
@@ -107,3 +111,29 @@ class _Bounds(nn.Module):
     def forward(self, x: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
         return training_bounds(self.config, self.model, self.encoder, self.family, x, beta,
                                route=self.route)  # fmt: skip
+
+
+#: Offsets of the seeds of what is measured on the side of training, from ``config.seed``.
+VALIDATION_STREAM, DIAGNOSTICS_STREAM = 7919, 7927
+
+
+@contextlib.contextmanager
+def own_stream(seed: int, device: torch.device):
+    """Draws from a stream of their own, the same at every call: what is measured after an
+    epoch leaves training's random numbers as they were (so how much is measured cannot
+    change what is trained), and every epoch is scored under the same draws (so two
+    epochs' scores differ by the model, not by the draws: common random numbers)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, world) -> float:
+    """Mean validation ELBO on the validation stream; with several processes each scores
+    its share and they add up."""
+    with own_stream(config.seed + VALIDATION_STREAM + world.rank, x.device):
+        if world.size == 1:
+            return evaluate_elbo(model, encoder, family, x, config.valid_samples, config=config)
+        share = x[world.rank :: world.size]
+        local = evaluate_elbo(model, encoder, family, share, config.valid_samples, config=config)
+    return distributed.all_sum(local * share.shape[0], world) / x.shape[0]

@@ -39,11 +39,14 @@ from ..measure.diagnostics import collapse_warning, latent_diagnostics
 from ..measure.gaps import gap_report
 from ..nets.layers import adam
 from .bounds import (  # noqa: F401 - training_bounds, evaluate_elbo: the package's names
+    DIAGNOSTICS_STREAM,
     _Bounds,
     _objective,
     evaluate_elbo,
     free_bits_kl,
+    own_stream,
     training_bounds,
+    validation_elbo,
 )
 from .checkpoint import load_checkpoint, save_atomic
 from .factory import build, validate
@@ -91,36 +94,11 @@ def _aggressive_encoder_steps(config, model, encoder, family, optimizer, draw, b
     return AGGRESSIVE_MAX_STEPS
 
 
-#: Offsets of the seeds of what is measured on the side of training, from ``config.seed``.
-VALIDATION_STREAM, DIAGNOSTICS_STREAM = 7919, 7927
-
-
-@contextlib.contextmanager
-def _own_stream(seed: int, device: torch.device):
-    """Draws from a stream of their own, the same at every call: what is measured after an
-    epoch leaves training's random numbers as they were (so how much is measured cannot
-    change what is trained), and every epoch is scored under the same draws (so two
-    epochs' scores differ by the model, not by the draws: common random numbers)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-def _validation_elbo(model, encoder, family, x: Tensor, config: TrainConfig, world) -> float:
-    """Mean validation ELBO; with several processes each scores its share and they add up."""
-    with _own_stream(config.seed + VALIDATION_STREAM + world.rank, x.device):
-        if world.size == 1:
-            return evaluate_elbo(model, encoder, family, x, config.valid_samples, config=config)
-        share = x[world.rank :: world.size]
-        local = evaluate_elbo(model, encoder, family, share, config.valid_samples, config=config)
-    return distributed.all_sum(local * share.shape[0], world) / x.shape[0]
-
-
 def _latent_record(model, encoder, family, x: Tensor, epoch: int, seed: int,
                    warn: bool = True) -> dict:  # fmt: skip
     """KL, KL per dimension, active units and I(x; z) of the encoder's q on x; warns on
     collapse (:func:`amortized.measure.diagnostics.collapse_warning`) when ``warn``."""
-    with torch.no_grad(), _own_stream(seed + DIAGNOSTICS_STREAM, x.device):
+    with torch.no_grad(), own_stream(seed + DIAGNOSTICS_STREAM, x.device):
         diag = latent_diagnostics(family, encoder(x), model.prior)
     message = collapse_warning(diag)
     if message is not None and warn:
@@ -269,7 +247,7 @@ class _VAEEpochs:
         model.eval()
         encoder.eval()
         self._check_diverged(skipped, taken)
-        valid = _validation_elbo(model, encoder, self.family, self.valid_x, config, world)
+        valid = validation_elbo(model, encoder, self.family, self.valid_x, config, world)
         if world.size > 1:
             total_loss = distributed.all_sum(total_loss, world)
             seen = distributed.all_sum(seen, world)
@@ -482,7 +460,7 @@ def _train_in(config: TrainConfig, route, world, run_dir: Path, dataset: Dataset
     encoder.load_state_dict(best_state["encoder"])
     whole = best  # the best epoch's validation ELBO, on the whole split
     if len(valid_x) < len(whole_valid):
-        whole = _validation_elbo(model, encoder, family, whole_valid, config, world)
+        whole = validation_elbo(model, encoder, family, whole_valid, config, world)
         if world.main:
             log.info("validation ELBO of the best epoch on all %d validation images: %.3f (%.3f "
                      "on the %d scored every epoch)", len(whole_valid), whole, best,
