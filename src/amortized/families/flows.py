@@ -309,7 +309,8 @@ class InverseAutoregressiveFlow(_Flow):
         self.layers, self.hidden = layers, hidden
         self.layout = _IAFLayout(latent_dim, hidden)
         self._masks = [made_masks(latent_dim, hidden, reverse=k % 2 == 1) for k in range(layers)]
-        self._weight_steps = self._weight_step_lengths()
+        # the weights' step lengths, per (device, dtype): step_scale runs at every step
+        self._weight_steps = {(torch.device("cpu"), torch.float32): self._weight_step_lengths()}
 
     @property
     def num_params(self) -> int:
@@ -380,7 +381,10 @@ class InverseAutoregressiveFlow(_Flow):
         """The base Gaussian's entries as in :class:`DiagonalGaussian`, the weights' as
         :meth:`_weight_step_lengths` says."""
         base = gaussian_step_scale(lam, self.latent_dim)
-        weights = self._weight_steps.to(lam).expand(*lam.shape[:-1], -1)
+        key = (lam.device, lam.dtype)
+        if key not in self._weight_steps:
+            self._weight_steps[key] = self._weight_step_lengths().to(lam)
+        weights = self._weight_steps[key].expand(*lam.shape[:-1], -1)
         return torch.cat([base, weights], dim=-1)
 
     def from_gaussian(self, loc: Tensor, log_scale: Tensor) -> Tensor:
