@@ -4,20 +4,25 @@
 
 Both start from the encoder's q (the gap report draws them from q*, which costs the same
 per evaluation). IWAE-k evaluates the decoder k times per image; AIS with S steps, C
-chains and L leapfrog steps evaluates it and its gradient C (S L + S) times. Achieved
-FLOP/s counts the decoder's matrix products (a gradient costs twice a forward pass) and
-is compared with this machine's float32 matmul peak (``peak.py``), as in
-``throughput.py``. Pass ``--device cuda`` where a GPU is available.
+chains and L leapfrog steps evaluates it and its input gradient C (S L + 1) times. The
+achieved FLOP/s count the matrix products as PyTorch's FLOP counter sees them on a few
+images (``peak.counted_flops``; printed beside the analytical count: a forward pass is
+2 MACs per weight, an input gradient as much again), read on this process's CPU time
+against the matmul peak read the same way (``peak.py``), so another job on the same
+cores does not lower them; wall time and CPU over wall are printed beside. Pass
+``--device cuda`` where a GPU is available (wall time there).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import time
 
 import torch
-from peak import decoder_macs, peak_flops, sync
+from peak import clock, counted_flops, decoder_macs, peak_flops, sync
 
 from amortized import iwae_bound
 from amortized.data import load_dataset
@@ -35,6 +40,7 @@ def main() -> None:
     parser.add_argument("--ais-steps", type=int, default=100)
     parser.add_argument("--ais-chains", type=int, default=16)
     parser.add_argument("--ais-batch", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -48,49 +54,68 @@ def main() -> None:
     with torch.no_grad():
         lam = torch.cat([encoder(xb) for xb in x.split(args.iwae_batch)])
 
-    rows = []
-    torch.manual_seed(0)
-    sync(device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        values = torch.cat([
-            iwae_bound(model, family, lam[i : i + args.iwae_batch], x[i : i + args.iwae_batch],
-                       args.iwae_k)
-            for i in range(0, len(x), args.iwae_batch)
-        ])  # fmt: skip
-    sync(device)
-    seconds = time.perf_counter() - start
-    flops = 2 * macs * args.iwae_k * len(x)
-    rows.append((f"IWAE-{args.iwae_k}", seconds, float(values.mean()), flops))
+    def iwae(xs, ls):
+        with torch.no_grad():
+            return torch.cat([
+                iwae_bound(model, family, ls[i : i + args.iwae_batch], xs[i : i + args.iwae_batch],
+                           args.iwae_k)
+                for i in range(0, len(xs), args.iwae_batch)
+            ])  # fmt: skip
 
-    torch.manual_seed(0)
-    sync(device)
-    start = time.perf_counter()
-    values = torch.cat([
-        ais(model, x[i : i + args.ais_batch], family, lam[i : i + args.ais_batch],
-            steps=args.ais_steps, chains=args.ais_chains).log_px
-        for i in range(0, len(x), args.ais_batch)
-    ])  # fmt: skip
-    sync(device)
-    seconds = time.perf_counter() - start
-    passes = args.ais_chains * args.ais_steps * (leapfrog + 1)  # gradients and energies
-    flops = 2 * macs * 3 * passes * len(x)  # a gradient pass counted as 3 forward passes
-    name = f"AIS, {args.ais_steps} steps x {args.ais_chains} chains x {leapfrog} leapfrog"
-    rows.append((name, seconds, float(values.mean()), flops))
+    def annealed(xs, ls):
+        return torch.cat([
+            ais(model, xs[i : i + args.ais_batch], family, ls[i : i + args.ais_batch],
+                steps=args.ais_steps, chains=args.ais_chains).log_px
+            for i in range(0, len(xs), args.ais_batch)
+        ])  # fmt: skip
+
+    ais_evals = args.ais_chains * (args.ais_steps * leapfrog + 1)  # decoder passes per image
+    estimators = [
+        (f"IWAE-{args.iwae_k}", iwae, 2 * macs * args.iwae_k),
+        (f"AIS, {args.ais_steps} steps x {args.ais_chains} chains x {leapfrog} leapfrog",
+         annealed, 2 * 2 * macs * ais_evals),  # a pass and its input gradient
+    ]  # fmt: skip
+    now, few = clock(device), min(len(x), 4)
+    counted = [counted_flops(lambda run=run: run(x[:few], lam[:few])) / few  # per image
+               for _, run, _ in estimators]  # fmt: skip
+    times: list[list[tuple[float, float]]] = [[] for _ in estimators]
+    values = [0.0] * len(estimators)
+    for _ in range(args.repeats):  # alternating, so both see the machine's same moods
+        for i, (_, run, _) in enumerate(estimators):
+            torch.manual_seed(0)
+            sync(device)
+            wall, cpu = time.perf_counter(), now()
+            values[i] = float(run(x, lam).mean())
+            sync(device)
+            times[i].append((now() - cpu, time.perf_counter() - wall))
+    rows = []
+    for (name, _, analytical), count, value, ts in zip(estimators, counted, values, times,
+                                                        strict=True):  # fmt: skip
+        cpu = sorted(t[0] for t in ts)
+        wall = statistics.median(t[1] for t in ts)
+        rows.append((name, wall, cpu, value, count, analytical))
 
     peak = peak_flops(device)
     print(f"{len(x)} test images of {trained.config.dataset}, model {args.run_dir}, "
           f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
-    print("\n| estimator | seconds | images/s | ms/image | mean log p(x) | GFLOP/s | of peak |")
-    print("|---|---|---|---|---|---|---|")
-    for name, sec, value, flops in rows:
-        print(f"| {name} | {sec:.1f} | {len(x) / sec:.1f} | {1e3 * sec / len(x):.1f} | "
-              f"{value:.2f} | {flops / sec / 1e9:.1f} | {flops / sec / peak:.0%} |")  # fmt: skip
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (by {'CPU' if device.type == 'cpu' else 'wall'} "
+          f"time); load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")  # fmt: skip
+    print(f"\n{args.repeats} alternating runs; times are medians (min-max)")
+    print("\n| estimator | wall s | CPU / wall | ms/image | mean log p(x) | "
+          "MFLOP/image counted (analytical) | GFLOP/s | of peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, wall, cpu, value, count, analytical in rows:
+        seconds = statistics.median(cpu) if device.type == "cpu" else wall
+        achieved = count * len(x) / seconds
+        print(f"| {name} | {wall:.1f} | {statistics.median(cpu) / wall:.2f} | "
+              f"{1e3 * seconds / len(x):.1f} ({1e3 * cpu[0] / len(x):.1f}-"
+              f"{1e3 * cpu[-1] / len(x):.1f}) | {value:.2f} | {count / 1e6:.1f} "
+              f"({analytical / 1e6:.1f}) | {achieved / 1e9:.1f} | "
+              f"{achieved / peak:.0%} |")  # fmt: skip
     full = 10000
-    for name, sec, _, _ in rows:
+    for name, wall, *_ in rows:
         print(f"{name}: the full test set ({full} images) would take "
-              f"{math.ceil(sec / len(x) * full)} s at this rate")  # fmt: skip
+              f"{math.ceil(wall / len(x) * full)} s of wall time at this rate")  # fmt: skip
 
 
 if __name__ == "__main__":
