@@ -741,6 +741,28 @@ def test_gradient_clipping_scales_the_total_norm_down_and_only_down():
     assert not _finite_gradients(optimizer, max_norm=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_unclipped_check_finds_any_inf_or_nan_and_leaves_gradients_as_they_are(dtype):
+    from amortized.train.loop import _finite_gradients
+
+    a = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+    b = torch.nn.Parameter(torch.zeros(2, 3, dtype=dtype))
+    c = torch.nn.Parameter(torch.zeros(2, dtype=dtype))  # no gradient: not checked
+    optimizer = torch.optim.SGD([a, b, c], lr=1.0)
+    g = torch.linspace(-3.0, 7.0, 11, dtype=dtype) * 1e30  # finite, its norm overflows float32
+    a.grad, b.grad = g[:5].clone(), g[5:].view(2, 3).clone()
+    assert _finite_gradients(optimizer)
+    assert torch.equal(a.grad, g[:5]) and torch.equal(b.grad, g[5:].view(2, 3))  # untouched
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        b.grad = g[5:].view(2, 3).clone()
+        b.grad[1, 2] = bad
+        assert not _finite_gradients(optimizer)
+    b.grad = None
+    assert _finite_gradients(optimizer)
+    a.grad = None
+    assert _finite_gradients(optimizer)  # nothing to check
+
+
 def test_a_clip_that_never_binds_changes_nothing_and_one_that_binds_changes_the_run(
     tiny_data, tmp_path
 ):

@@ -114,16 +114,24 @@ def _latent_record(model, encoder, family, x: Tensor, epoch: int, seed: int,
 
 def _finite_gradients(optimizer: torch.optim.Optimizer, max_norm: float = 0.0) -> bool:
     """Whether every gradient the optimizer would apply is finite (one device sync); when
-    they are and ``max_norm > 0``, scales them down to at most that total norm."""
+    they are and ``max_norm > 0``, scales them down to at most that total norm.
+
+    Without clipping, the check is the one fused pass of mixed-precision training
+    (``torch.amp``'s non-finite check, unscaling by exactly 1): the total norm's
+    per-tensor passes made a training step of the default VAE about 9% slower
+    (``benchmarks/throughput.py``)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
+    if max_norm <= 0:
+        found = torch.zeros((), device=grads[0].device)  # set to 1 by any inf or NaN
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, found.new_ones(()))
+        return not bool(found)
     norm = torch.nn.utils.get_total_norm(grads)
     if not bool(norm.isfinite()):
         return False
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return True
 
 
