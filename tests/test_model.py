@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +106,26 @@ def test_encoder_output_shape_and_input_check():
         encoder(torch.zeros(5, 10))
     with pytest.raises(ValueError, match="unknown activation"):
         MLPEncoder(12, family, activation="swish")
+
+
+def test_the_fast_tanh_matches_torch_tanh_in_value_gradient_and_curvature():
+    from amortized.nets.layers import FAST_TANH_ELEMENTS, tanh
+
+    x = torch.cat([torch.linspace(-40.0, 40.0, FAST_TANH_ELEMENTS),
+                   torch.tensor([0.0, -0.0, 1e-30, float("inf"), -float("inf")])])  # fmt: skip
+    y = tanh(x)
+    assert (y[:-2] - torch.tanh(x[:-2])).abs().max() < 3e-7
+    assert y[-2] == 1.0 and y[-1] == -1.0 and torch.isnan(tanh(x.clone().fill_(math.nan))).all()
+    small = torch.randn(10)  # below the size where the sigmoid form pays: torch's own
+    assert torch.equal(tanh(small), torch.tanh(small))
+
+    a = torch.randn(FAST_TANH_ELEMENTS, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(tanh(a).sum(), a, create_graph=True)
+    assert torch.allclose(g, 1 - torch.tanh(a).square(), atol=1e-14, rtol=0)
+    (h,) = torch.autograd.grad(g.sum(), a)  # d2 tanh = -2 tanh (1 - tanh^2)
+    t = torch.tanh(a)
+    assert torch.allclose(h, -2 * t * (1 - t.square()), atol=1e-14, rtol=0)
+    b = a.detach()[:20].clone().requires_grad_(True)  # the autograd function, checked alone
+    from amortized.nets.layers import _SigmoidTanh
+
+    assert torch.autograd.gradgradcheck(_SigmoidTanh.apply, (b,))
