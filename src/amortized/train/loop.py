@@ -335,9 +335,8 @@ class _VAEEpochs:
             encoder_bound = None
         loss = -model_bound.mean()
         encoder_loss = None if encoder_bound is None else -encoder_bound.mean()
-        finite = bool(torch.isfinite(loss)) and (
-            encoder_loss is None or bool(encoder_loss.isfinite())
-        )
+        value = float(loss.detach())  # the one device sync of the forward pass
+        finite = math.isfinite(value) and (encoder_loss is None or bool(encoder_loss.isfinite()))
         if not distributed.all_agree(finite, world):  # every process skips, or none
             warnings.warn(f"non-finite loss at step {self.step}; step skipped", stacklevel=1)
             if world.size > 1:  # DDP expects a backward pass after every forward
@@ -357,7 +356,7 @@ class _VAEEpochs:
             optimizer.zero_grad(set_to_none=True)
             return None
         optimizer.step()
-        return float(loss.detach())
+        return value
 
 
 def train(
