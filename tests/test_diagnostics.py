@@ -138,3 +138,19 @@ def test_the_generic_path_agrees_with_the_diagonal_one():
     torch.manual_seed(1)
     b = mutual_information(FullCovarianceGaussian(3), full, samples=2, budget=500)
     assert a == pytest.approx(b, abs=1e-4) and a > 0.5
+
+
+def test_a_flow_estimates_mutual_information_on_at_most_the_capped_rows_and_a_gaussian_on_all():
+    from amortized import InverseAutoregressiveFlow
+    from amortized.measure.diagnostics import COSTLY_DENSITY_MI_ROWS
+
+    n = COSTLY_DENSITY_MI_ROWS + 200
+    loc = torch.stack([torch.arange(n) * 40.0, torch.zeros(n)], -1)  # disjoint posteriors
+    log_scale = torch.zeros(n, 2)
+    prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    gaussian = latent_diagnostics(DiagonalGaussian(2), torch.cat([loc, log_scale], -1), prior)
+    assert gaussian.mutual_information == pytest.approx(math.log(n), abs=1e-4)
+    flow = InverseAutoregressiveFlow(2, layers=1, hidden=3)
+    diag = latent_diagnostics(flow, flow.from_gaussian(loc, log_scale), prior)
+    assert diag.mutual_information == pytest.approx(math.log(COSTLY_DENSITY_MI_ROWS), abs=1e-4)
+    assert diag.kl == pytest.approx(gaussian.kl, rel=0.05)  # the KL still over all n rows

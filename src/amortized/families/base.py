@@ -50,6 +50,10 @@ class VariationalFamily(ABC):
     #: window to show what this family's steps gain (a flow's weights move its ELBO
     #: slowly, so a flow checks less often).
     check_every: int = 50
+    #: Whether log q(z; lam) at an arbitrary z costs about one pass (a flow's inverse can
+    #: take one pass per latent dimension). Estimates that score every draw under every
+    #: row, such as the latent diagnostics' I(x; z), use fewer rows where it does not.
+    cheap_density: bool = True
 
     def __init__(self, latent_dim: int):
         if not isinstance(latent_dim, int) or latent_dim < 1:

@@ -105,6 +105,7 @@ class _Flow(VariationalFamily):
     """
 
     ACTS_ON = ("noise", "latent")
+    cheap_density = False  # the inverse: D passes of a MADE, or a bisection per map
 
     def __init__(self, latent_dim: int, acts_on: str):
         super().__init__(latent_dim)

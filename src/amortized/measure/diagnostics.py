@@ -163,10 +163,22 @@ class LatentDiagnostics:
         return asdict(self)
 
 
+#: The rows on which :func:`latent_diagnostics` estimates I(x; z) for a family whose
+#: density at an arbitrary z is costly (``cheap_density = False``, the flows): every draw
+#: is scored under every row, so the cost grows as the rows squared. On the IAF-trained
+#: MNIST model, 100 rows took 6 s and 1,000 would take about 10 minutes, every epoch.
+COSTLY_DENSITY_MI_ROWS = 100
+
+
 def latent_diagnostics(
     family: VariationalFamily, lam: Tensor, prior: Distribution, *, samples: int = 1
 ) -> LatentDiagnostics:
-    """KL per dimension, active units and mutual information of q(z; lam) over the rows."""
+    """KL per dimension, active units and mutual information of q(z; lam) over the rows.
+
+    For a family with ``cheap_density = False`` the mutual information is estimated on
+    the first :data:`COSTLY_DENSITY_MI_ROWS` rows (the estimate is at most log of the
+    rows used); the KL and the active units always use every row."""
+    mi_rows = lam if family.cheap_density else lam[:COSTLY_DENSITY_MI_ROWS]
     with torch.no_grad():
         means, log_scale = family.gaussian_moments(lam)  # sampled once for a flow
         kl = _marginal_kl(means, log_scale, prior).mean(0)  # (D,)
@@ -176,7 +188,7 @@ def latent_diagnostics(
         kl_per_dim=kl.tolist(),
         active_units=count,
         unit_variances=variances.tolist(),
-        mutual_information=mutual_information(family, lam, samples=samples),
+        mutual_information=mutual_information(family, mi_rows, samples=samples),
     )
 
 
