@@ -235,3 +235,32 @@ def test_gaussian_moments_recover_a_gaussian_and_warm_start_other_families():
         m, s = family.gaussian_moments(family.from_gaussian(loc, log_scale), samples=20000)
         torch.testing.assert_close(m, loc, rtol=0, atol=0.05)
         torch.testing.assert_close(s, log_scale, rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("family", [PlanarFlow(3, layers=2), InverseAutoregressiveFlow(3, hidden=4),
+                                    InverseAutoregressiveFlow(3, hidden=4, acts_on="latent")])  # fmt: skip
+def test_a_flow_and_its_inverses_are_freed_without_the_cycle_collector(family):
+    import gc
+    import weakref
+
+    lam = family.prior_init(5) + 0.1 * torch.randn(5, family.num_params)
+    gc.collect()
+    gc.disable()
+    try:
+        q = family.distribution(lam)
+        maps = [weakref.ref(t) for t in q.transforms]
+        z = q.rsample((2,))
+        q.log_prob(z)  # the inverse of every map, from its cache
+        q.log_prob(z.detach().clone())  # and computed afresh
+        del q, z
+        assert all(m() is None for m in maps)  # no transform left in a reference cycle
+    finally:
+        gc.enable()
+
+
+def test_the_allocator_is_tuned_where_the_c_library_is_glibc():
+    import platform
+
+    from amortized.memory import tune_allocator
+
+    assert tune_allocator() is (platform.libc_ver()[0] == "glibc")

@@ -32,6 +32,7 @@ from ..config import (
 )
 from ..data import DataError
 from ..files import DirectoryBusy
+from ..memory import tune_allocator
 from ..train.checkpoint import CheckpointError
 from ..train.loop import TrainingDiverged
 
@@ -346,6 +347,7 @@ class _Stderr(logging.StreamHandler):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _show_progress_lines()
+    tune_allocator()
     commands = {
         "study": _study,
         "generalization": _generalization,
