@@ -237,8 +237,11 @@ def test_gaussian_moments_recover_a_gaussian_and_warm_start_other_families():
         torch.testing.assert_close(s, log_scale, rtol=0, atol=0.03)
 
 
-@pytest.mark.parametrize("family", [PlanarFlow(3, layers=2), InverseAutoregressiveFlow(3, hidden=4),
-                                    InverseAutoregressiveFlow(3, hidden=4, acts_on="latent")])  # fmt: skip
+@pytest.mark.parametrize("family", [
+    PlanarFlow(3, layers=2),
+    InverseAutoregressiveFlow(3, hidden=4),
+    InverseAutoregressiveFlow(3, hidden=4, acts_on="latent"),
+])  # fmt: skip
 def test_a_flow_and_its_inverses_are_freed_without_the_cycle_collector(family):
     import gc
     import weakref

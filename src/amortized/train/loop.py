@@ -125,7 +125,7 @@ def _finite_gradients(optimizer: torch.optim.Optimizer, max_norm: float = 0.0) -
     if not grads:
         return True
     if max_norm <= 0:
-        found = torch.zeros((), device=grads[0].device)  # set to 1 by any inf or NaN
+        found = torch.zeros((), dtype=torch.float32, device=grads[0].device)  # 1 at any inf, NaN
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, found.new_ones(()))
         return not bool(found)
     norm = torch.nn.utils.get_total_norm(grads)
