@@ -277,6 +277,14 @@ class _AutoregressiveStep(_WeakInverse, zuko.transforms.AutoregressiveTransform)
             return self._last[2]
         return super().log_abs_det_jacobian(x, y)
 
+    def _inverse(self, y: Tensor) -> Tensor:
+        # zuko's inverse, its D passes reading each pass's affine map directly: through
+        # ``.inv`` every pass would leave a transform-inverse reference cycle (_WeakInverse)
+        x = torch.zeros_like(y)
+        for _ in range(self.passes):
+            x = self.meta(x).base._inverse(y)
+        return x
+
 
 class _IAFLayout:
     """Where each piece of one IAF layer sits in lam: W1 (H, D), b1 (H), W2 (2D, H), b2 (2D)."""
