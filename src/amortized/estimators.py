@@ -8,7 +8,6 @@ bounded however many samples are asked for.
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import torch
@@ -23,6 +22,7 @@ from torch.distributions import (
 from torch.utils.checkpoint import checkpoint
 
 from .families import VariationalFamily
+from .memory import release_freed_memory
 from .model import LatentVariableModel
 from .weights import ImportanceEstimate, LogMeanWeight, log_mean_weight
 
@@ -85,28 +85,10 @@ def _over_chunks(chunk, family: VariationalFamily, lam: Tensor, total: int, x: T
             yield chunk(lam, size)
         else:  # q is rebuilt from lam inside, so that the recomputation sees it as an input
             def again(lam: Tensor, size: int = size):
-                _release_freed_memory()  # also before each recomputation in the backward pass
+                release_freed_memory()  # also before each recomputation in the backward pass
                 return chunk(lam, size, family.distribution(lam))
 
             yield checkpoint(again, lam, use_reentrant=False, preserve_rng_state=True)
-
-
-def _release_freed_memory() -> None:
-    """Hand the pages of freed tensors back to the OS (glibc's ``malloc_trim``). A chunk's
-    graph is freed at once, but the small outputs kept between chunks pin the freed
-    space, so without this the process's resident memory still grows with the samples."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 
 
 def _check(model: LatentVariableModel, family: VariationalFamily, lam: Tensor, x: Tensor):

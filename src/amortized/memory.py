@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["free_memory", "gib", "tune_allocator"]
+__all__ = ["free_memory", "gib", "release_freed_memory", "tune_allocator"]
 
 #: glibc's ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -27,13 +27,32 @@ def tune_allocator(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 128 *
     command line applies it; a program that calls :func:`amortized.train.train` may too.
     It changes no result, only where memory comes from.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
+    if _GLIBC is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    return bool(_GLIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        _GLIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed tensors back to the OS (glibc's ``malloc_trim``; elsewhere
+    nothing). A chunk's graph is freed at once, but the small outputs kept between chunks
+    pin the freed space, so without this the process's resident memory still grows with
+    the samples (:func:`amortized.iwae_bound` and :func:`amortized.elbo`)."""
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both present, or neither is used
+        return libc
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_GLIBC = _glibc()
 
 
 def free_memory(device: str) -> int | None:
